@@ -1,0 +1,427 @@
+"""Typed configuration: OmegaConf YAML (``conf/``) plus ``key=value`` overrides -> dataclasses.
+
+The YAML is read once, at an entry point, by :func:`load_config`; library code only sees the
+dataclasses. Unknown keys are errors with a did-you-mean, because a misspelt key in a training
+config otherwise silently falls back to a default and costs a day of GPU time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from common.errors import ConfigError
+
+
+class LensfeedWarning(UserWarning):
+    """A configuration that works but is probably not what the user meant."""
+
+
+@dataclass
+class OnTheFlyConfig:
+    """Seed-era section: how many samples each cache regeneration produces per rank."""
+
+    samples_per_regeneration_cycle: int = 1024
+    shuffle: bool = True
+
+
+@dataclass
+class DatasetConfig:
+    """Where the pretokenized corpus lives and which integer columns to serve."""
+
+    #: ``datasets.save_to_disk`` directory, Arrow IPC file or directory, or Parquet file/dir.
+    path: str = "data/demo"
+    #: Token columns served as tensors; ``input_ids`` first. All must have one fixed length.
+    columns: list[str] = field(default_factory=lambda: ["input_ids"])
+    on_the_fly: OnTheFlyConfig = field(default_factory=OnTheFlyConfig)
+
+
+@dataclass
+class FeedConfig:
+    """The producer <-> trainer channel."""
+
+    #: Endpoint template the trainer connects to; ``{rank}`` is replaced by the rank.
+    endpoint: str = "ipc:///tmp/lensfeed/rank{rank}.sock"
+    #: Endpoint template the producer binds; empty = same as ``endpoint``.
+    bind: str = ""
+    #: Batches the trainer keeps ready (credits granted to the producer).
+    prefetch: int = 8
+    #: Seconds any wait on the peer may take before it becomes an error.
+    timeout_s: float = 60.0
+    #: Regenerate the next cycle before the trainer asks for it (bounded below).
+    prepare_ahead: bool = True
+    #: Most batches the producer holds ready (current + next cycle).
+    max_ahead_batches: int = 64
+    #: Most bytes the producer holds ready; 0 = no byte cap.
+    max_ahead_bytes: int = 1 << 30
+    #: Largest frame accepted from the peer.
+    max_message_bytes: int = 1 << 31
+    #: Seconds a producer that failed at start waits for a trainer to tell before it exits.
+    error_linger_s: float = 10.0
+    #: Seconds a producer waits without any trainer message before it exits; 0 = forever.
+    idle_timeout_s: float = 0.0
+    #: The producer exits when its trainer says goodbye (the end of training).
+    exit_on_bye: bool = True
+
+
+@dataclass
+class TinyModelConfig:
+    """A seeded toy transformer for tests and the demo (no download)."""
+
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    max_seq_len: int = 4096
+    seed: int = 0
+
+
+@dataclass
+class ActivationsConfig:
+    """What the producer turns token batches into (``tokens`` = pass-through)."""
+
+    builder: str = "tokens"
+    #: ``tiny``, a local Hugging Face model directory, or ``package.module:function``.
+    model: str = "tiny"
+    #: Hidden-state layer: 0 = embeddings, i = output of block i (negative counts from the end).
+    layer: int = 1
+    #: Token positions are drawn per sample from ``[min_pos, max_pos)``; max_pos 0 = seq_len.
+    min_pos: int = 1
+    max_pos: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    forward_batch_size: int = 32
+    #: Also emit ``A_prime``, the same activation of a partner sample of the same cycle.
+    pairs: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class TrainingConfig:
+    """The reference DDP trainer (``python -m trainer``)."""
+
+    num_cycles: int = 3
+    #: Stop after this many optimizer steps; 0 = run ``num_cycles``.
+    max_steps: int = 0
+    lr: float = 1e-3
+    #: ``auto`` = ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``.
+    device: str = "auto"
+    d_model: int = 64
+    vocab_size: int = 256
+    checkpoint_dir: str = "checkpoints"
+    #: Save a checkpoint every N steps (0 = only at the end).
+    checkpoint_every: int = 0
+    #: Checkpoint directory to resume from ("" = start fresh).
+    resume: str = ""
+    metrics_path: str = "metrics.jsonl"
+    #: Run ``gc.collect()`` and ``torch.cuda.empty_cache()`` at each cycle boundary.
+    empty_cache_each_cycle: bool = True
+    #: Bound on any collective; a dead rank turns into an error after this long.
+    collective_timeout_s: float = 300.0
+    #: Show a tqdm progress bar on rank 0.
+    progress: bool = True
+    #: Write one metrics record per batch (sample_idx and a digest of its bytes).
+    log_batches: bool = False
+
+
+@dataclass
+class FakeConfig:
+    """Shape of the synthetic batches ``lensfeed fake-produce`` serves."""
+
+    seq_len: int = 32
+    vocab_size: int = 256
+    shard_rows: int = 1000
+
+
+@dataclass
+class LensfeedConfig:
+    """Everything one lensfeed job needs; producers and trainer load the same file."""
+
+    seed: int = 0
+    world_size: int = 1
+    batch_size: int = 32
+    #: Size of cycle 0 (seed-era key); ``null`` = ``samples_per_regeneration_cycle``.
+    training_initial_cache_size_per_rank: int | None = None
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    feed: FeedConfig = field(default_factory=FeedConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    fake: FakeConfig = field(default_factory=FakeConfig)
+
+    @property
+    def cycle_size(self) -> int:
+        return self.dataset.on_the_fly.samples_per_regeneration_cycle
+
+    @property
+    def initial_cycle_size(self) -> int:
+        s0 = self.training_initial_cache_size_per_rank
+        return self.cycle_size if s0 is None else s0
+
+    def endpoint_for(self, rank: int) -> str:
+        return self.feed.endpoint.format(rank=rank)
+
+    def bind_for(self, rank: int) -> str:
+        return (self.feed.bind or self.feed.endpoint).format(rank=rank)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_keys(raw: Any, schema: type, prefix: str = "") -> None:
+    """Reject keys the dataclass does not have, suggesting the closest one."""
+    if not isinstance(raw, Mapping):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{dotted}'{hint} (known here: {known})")
+        ftype = fields[key].type
+        sub = _DATACLASS_FIELDS.get((schema, key))
+        if sub is not None and ftype is not None:
+            _check_keys(value, sub, prefix=f"{dotted}.")
+
+
+_DATACLASS_FIELDS: dict[tuple[type, str], type] = {
+    (LensfeedConfig, "dataset"): DatasetConfig,
+    (LensfeedConfig, "feed"): FeedConfig,
+    (LensfeedConfig, "activations"): ActivationsConfig,
+    (LensfeedConfig, "training"): TrainingConfig,
+    (LensfeedConfig, "fake"): FakeConfig,
+    (DatasetConfig, "on_the_fly"): OnTheFlyConfig,
+    (ActivationsConfig, "tiny"): TinyModelConfig,
+}
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> LensfeedConfig:
+    """Load YAML ``path`` (optional), apply ``key=value`` overrides, validate, return dataclasses.
+
+    ``${...}`` interpolation is resolved; unknown keys and bad values raise :class:`ConfigError`.
+    """
+    parts: list[DictConfig] = []
+    try:
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
+            loaded = OmegaConf.load(p)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"config file {p} must hold a mapping at the top level")
+            parts.append(loaded)
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value (got {bad[0]!r})")
+        parts.append(OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.merge(*parts) if parts else OmegaConf.create({})
+        _check_keys(OmegaConf.to_container(raw, resolve=False), LensfeedConfig)
+        merged = OmegaConf.merge(OmegaConf.structured(LensfeedConfig), raw)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        msg = str(exc.msg).splitlines()[0]
+        raise ConfigError(f"invalid config value for '{key}': {msg}") from None
+    assert isinstance(cfg, LensfeedConfig)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: LensfeedConfig) -> None:
+    """Raise :class:`ConfigError` naming key and value for settings that cannot work."""
+    positive = {
+        "world_size": cfg.world_size,
+        "batch_size": cfg.batch_size,
+        "dataset.on_the_fly.samples_per_regeneration_cycle": cfg.cycle_size,
+        "training_initial_cache_size_per_rank": cfg.initial_cycle_size,
+        "feed.prefetch": cfg.feed.prefetch,
+        "feed.max_ahead_batches": cfg.feed.max_ahead_batches,
+        "feed.max_message_bytes": cfg.feed.max_message_bytes,
+        "activations.forward_batch_size": cfg.activations.forward_batch_size,
+        "training.num_cycles": cfg.training.num_cycles,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be positive (got {value})")
+    for key, value in {
+        "feed.timeout_s": cfg.feed.timeout_s,
+        "training.collective_timeout_s": cfg.training.collective_timeout_s,
+    }.items():
+        if not value > 0:
+            raise ConfigError(f"'{key}' must be > 0 seconds (got {value})")
+    if cfg.training.collective_timeout_s <= cfg.feed.timeout_s:
+        raise ConfigError(
+            "'training.collective_timeout_s' must exceed 'feed.timeout_s' (got "
+            f"{cfg.training.collective_timeout_s} <= {cfg.feed.timeout_s}), or a slow producer "
+            "looks like a dead rank"
+        )
+    if cfg.training.max_steps < 0:
+        raise ConfigError(f"'training.max_steps' must be >= 0 (got {cfg.training.max_steps})")
+    if cfg.batch_size > cfg.cycle_size:
+        raise ConfigError(
+            "'batch_size' must be <= 'dataset.on_the_fly.samples_per_regeneration_cycle' "
+            f"(got {cfg.batch_size} > {cfg.cycle_size})"
+        )
+    if cfg.batch_size > cfg.initial_cycle_size:
+        raise ConfigError(
+            "'batch_size' must be <= 'training_initial_cache_size_per_rank' "
+            f"(got {cfg.batch_size} > {cfg.initial_cycle_size})"
+        )
+    if not cfg.dataset.columns or cfg.dataset.columns[0] != "input_ids":
+        raise ConfigError(
+            f"'dataset.columns' must start with 'input_ids' (got {list(cfg.dataset.columns)})"
+        )
+    if len(set(cfg.dataset.columns)) != len(cfg.dataset.columns):
+        raise ConfigError(f"'dataset.columns' has duplicates (got {list(cfg.dataset.columns)})")
+    if "{rank}" not in cfg.feed.endpoint and cfg.world_size > 1:
+        raise ConfigError(
+            f"'feed.endpoint' must contain '{{rank}}' when world_size > 1 "
+            f"(got {cfg.feed.endpoint!r})"
+        )
+    for key, ep in {"feed.endpoint": cfg.feed.endpoint, "feed.bind": cfg.feed.bind}.items():
+        if ep and not ep.startswith(("ipc://", "tcp://", "inproc://")):
+            raise ConfigError(f"'{key}' must start with ipc://, tcp:// or inproc:// (got {ep!r})")
+    if cfg.activations.builder not in ("tokens", "activations"):
+        raise ConfigError(
+            "'activations.builder' must be 'tokens' or 'activations' "
+            f"(got {cfg.activations.builder!r})"
+        )
+    if cfg.activations.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(
+            "'activations.dtype' must be float32, bfloat16 or float16 "
+            f"(got {cfg.activations.dtype!r})"
+        )
+
+
+def shard_size_warnings(*, shard_rows: int, cfg: LensfeedConfig, rank: int) -> list[str]:
+    """Warn (and return the messages) when a rank's shard is small relative to one cycle."""
+    msgs: list[str] = []
+    s = max(cfg.cycle_size, cfg.initial_cycle_size)
+    if 0 < shard_rows < s:
+        msgs.append(
+            f"rank {rank}: shard has {shard_rows} rows < samples_per_regeneration_cycle={s}; "
+            f"each cycle wraps the shard about {math.ceil(s / shard_rows) - 1} time(s), so every "
+            f"sample appears ~{s / shard_rows:.1f}x per cycle"
+        )
+    if 0 < shard_rows * 100 <= s:
+        msgs.append(
+            f"rank {rank}: dataset is very small for this cycle ({shard_rows} rows per rank vs "
+            f"{s} samples per cycle); check dataset.path={cfg.dataset.path!r}"
+        )
+    for m in msgs:
+        warnings.warn(m, LensfeedWarning, stacklevel=2)
+    return msgs
+
+
+# --------------------------------------------------------------------------- data spec
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Every setting that shapes the batch stream; producer and trainer must agree on all of it.
+
+    Sent in the handshake field by field, so a mismatch error can name both values.
+    """
+
+    dataset: str
+    columns: tuple[str, ...]
+    world_size: int
+    batch_size: int
+    cycle_size: int
+    initial_cycle_size: int
+    seed: int
+    shuffle: bool
+    builder: str = "tokens"
+    builder_args: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: LensfeedConfig) -> DataSpec:
+        act = cfg.activations
+        builder_args = ""
+        if act.builder != "tokens":
+            builder_args = (
+                f"model={act.model},layer={act.layer},pos=[{act.min_pos},{act.max_pos}),"
+                f"dtype={act.dtype},pairs={act.pairs}"
+            )
+        return cls(
+            dataset=cfg.dataset.path,
+            columns=tuple(cfg.dataset.columns),
+            world_size=cfg.world_size,
+            batch_size=cfg.batch_size,
+            cycle_size=cfg.cycle_size,
+            initial_cycle_size=cfg.initial_cycle_size,
+            seed=cfg.seed,
+            shuffle=cfg.dataset.on_the_fly.shuffle,
+            builder=act.builder,
+            builder_args=builder_args,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["columns"] = list(self.columns)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) != names:
+            raise ValueError(f"data spec keys {sorted(d)} != expected {sorted(names)}")
+        kw = dict(d)
+        kw["columns"] = tuple(kw["columns"])
+        return cls(**kw)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def differences(self, other: DataSpec) -> list[str]:
+        """Human-readable ``key: ours vs theirs`` lines for each differing field."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]]
+
+    def batches_in_cycle(self, cycle: int) -> int:
+        """Every rank's batch count for ``cycle``: S0 // B for cycle 0, S // B after."""
+        size = self.initial_cycle_size if cycle == 0 else self.cycle_size
+        return size // self.batch_size
+
+    def cycle_start(self, cycle: int) -> int:
+        """Stream position (samples already served) at the start of ``cycle``.
+
+        A cycle serves ``batches * B`` samples; the ``S % B`` remainder is not dropped, it is
+        simply where the next cycle starts, so no sample of the stream is ever skipped.
+        """
+        if cycle == 0:
+            return 0
+        b = self.batch_size
+        return (self.initial_cycle_size // b) * b + (cycle - 1) * (self.cycle_size // b) * b
+
+
+__all__ = [
+    "ActivationsConfig",
+    "DataSpec",
+    "DatasetConfig",
+    "FakeConfig",
+    "FeedConfig",
+    "LensfeedConfig",
+    "LensfeedWarning",
+    "OnTheFlyConfig",
+    "TinyModelConfig",
+    "TrainingConfig",
+    "load_config",
+    "shard_size_warnings",
+    "validate",
+]

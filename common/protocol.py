@@ -1,0 +1,291 @@
+"""The lensfeed wire protocol (version 1): message kinds, headers, tensor frames, validation.
+
+A message is a ZeroMQ multipart message: frame 0 is a msgpack map (the header), frames 1..n are
+raw C-contiguous tensor bytes described by the header's ``tensors`` list. ``docs/protocol.md``
+is the normative description; this module is its only implementation, used by both sides.
+Nothing here ever unpickles: a frame is either msgpack with size limits or raw bytes that are
+checked against ``shape x itemsize`` before anything looks at them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from common.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 64
+MAX_NDIM = 8
+
+# trainer -> producer
+HELLO = "hello"
+NEXT_CYCLE = "next_cycle"
+CREDIT = "credit"
+BYE = "bye"
+# producer -> trainer
+WELCOME = "welcome"
+CYCLE_START = "cycle_start"
+BATCH = "batch"
+CYCLE_END = "cycle_end"
+# both directions
+ERROR = "error"
+
+#: Wire dtype name -> (torch dtype, itemsize). Anything else is rejected.
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "bool": (torch.bool, 1),
+    "uint8": (torch.uint8, 1),
+    "int8": (torch.int8, 1),
+    "int16": (torch.int16, 2),
+    "int32": (torch.int32, 4),
+    "int64": (torch.int64, 8),
+    "float16": (torch.float16, 2),
+    "bfloat16": (torch.bfloat16, 2),
+    "float32": (torch.float32, 4),
+    "float64": (torch.float64, 8),
+}
+_TORCH_NAMES = {dt: name for name, (dt, _) in DTYPES.items()}
+
+_INT = (int,)
+_STR = (str,)
+_DICT = (dict,)
+_LIST = (list,)
+_NUM = (int, float)
+_BOOL = (bool,)
+
+#: Required header fields per kind (besides ``v`` and ``kind``) and their msgpack types.
+SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
+    HELLO: {
+        "rank": _INT,
+        "world_size": _INT,
+        "spec": _DICT,
+        "fingerprint": _STR,
+        "cycle": _INT,
+        "batch": _INT,
+        "credits": _INT,
+    },
+    NEXT_CYCLE: {"cycle": _INT, "batch": _INT},
+    CREDIT: {"n": _INT},
+    BYE: {},
+    WELCOME: {
+        "rank": _INT,
+        "shard_rows": _INT,
+        "shard_offset": _INT,
+        "fingerprint": _STR,
+        "dataset_fingerprint": _STR,
+    },
+    CYCLE_START: {
+        "rank": _INT,
+        "cycle": _INT,
+        "batches": _INT,
+        "start_batch": _INT,
+        "wraps": _INT,
+        "total_wraps": _INT,
+        "shard_pos": _INT,
+        "shard_rows": _INT,
+        "prepared_ahead": _BOOL,
+    },
+    BATCH: {"rank": _INT, "cycle": _INT, "batch": _INT, "seq": _INT, "tensors": _LIST},
+    CYCLE_END: {"rank": _INT, "cycle": _INT, "batches": _INT, "regen_s": _NUM},
+    ERROR: {"code": _STR, "message": _STR, "fatal": _BOOL},
+}
+
+
+@dataclass
+class Message:
+    """A decoded, validated message. ``tensors`` maps name -> tensor (for BATCH only)."""
+
+    kind: str
+    header: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.header[key]
+
+
+def dtype_name(x: np.ndarray | torch.Tensor) -> str:
+    """Wire name of an array's dtype; raises for anything outside :data:`DTYPES`."""
+    name = _TORCH_NAMES.get(x.dtype) if isinstance(x, torch.Tensor) else np.dtype(x.dtype).name
+    if name not in DTYPES:
+        raise ProtocolError(f"dtype {x.dtype} cannot be sent (allowed: {', '.join(DTYPES)})")
+    return name
+
+
+def _raw_buffer(x: np.ndarray | torch.Tensor) -> memoryview:
+    """Zero-copy byte view of a C-contiguous CPU array or tensor."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ProtocolError(f"tensor on {x.device} must be moved to CPU before sending")
+        x = x.contiguous()
+        # numpy has no bfloat16: view the storage as bytes instead.
+        arr = x.view(torch.uint8).numpy() if x.element_size() and x.numel() else x.numpy()
+    else:
+        arr = np.ascontiguousarray(x)
+    return memoryview(arr).cast("B") if arr.size else memoryview(b"")
+
+
+def encode(
+    kind: str, fields: Mapping[str, Any], tensors: Mapping[str, np.ndarray | torch.Tensor] = {}
+) -> list[bytes | memoryview]:
+    """Build the frames of one message. Tensor frames are zero-copy views (send with copy=False)."""
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": kind, **fields}
+    frames: list[bytes | memoryview] = []
+    if kind == BATCH:
+        descr = []
+        for name, arr in tensors.items():
+            descr.append([name, dtype_name(arr), [int(d) for d in arr.shape]])
+            frames.append(_raw_buffer(arr))
+        header["tensors"] = descr
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def _buffer(frame: Any) -> memoryview:
+    buf = getattr(frame, "buffer", None)
+    return buf if buf is not None else memoryview(frame)
+
+
+def decode_header(frame: Any) -> dict[str, Any]:
+    """Unpack and validate frame 0: size limits, msgpack limits, version, kind, field types."""
+    buf = _buffer(frame)
+    if buf.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header frame of {buf.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(
+            buf,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_HEADER_BYTES,
+            max_bin_len=0,
+            max_array_len=4096,
+            max_map_len=256,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of exception types for garbage
+        raise ProtocolError(f"header frame is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version mismatch: peer speaks {version!r}, this side speaks "
+            f"{PROTOCOL_VERSION}"
+        )
+    kind = header.get("kind")
+    if kind not in SCHEMA:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    for key, types in SCHEMA[kind].items():
+        value = header.get(key)
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            want = "/".join(t.__name__ for t in types)
+            raise ProtocolError(f"{kind} message: field '{key}' must be {want}, got {value!r}")
+    return header
+
+
+def _tensor_descr(header: dict[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
+    descr = header["tensors"]
+    if len(descr) > MAX_TENSORS:
+        raise ProtocolError(f"batch has {len(descr)} tensors (limit {MAX_TENSORS})")
+    out = []
+    for item in descr:
+        if not (isinstance(item, list) and len(item) == 3):
+            raise ProtocolError(f"tensor descriptor must be [name, dtype, shape], got {item!r}")
+        name, dtype, shape = item
+        if not isinstance(name, str) or not name:
+            raise ProtocolError(f"tensor name must be a non-empty string, got {name!r}")
+        if dtype not in DTYPES:
+            raise ProtocolError(f"tensor '{name}': dtype {dtype!r} not in {sorted(DTYPES)}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise ProtocolError(f"tensor '{name}': bad shape {shape!r}")
+        out.append((name, dtype, tuple(shape)))
+    if len({n for n, _, _ in out}) != len(out):
+        raise ProtocolError("batch has duplicate tensor names")
+    return out
+
+
+def decode(frames: Sequence[Any], *, max_bytes: int = 1 << 31) -> Message:
+    """Validate a whole message and rebuild tensors as zero-copy CPU views of the frames.
+
+    The tensors share memory with the received frames (read-only ZeroMQ buffers): they stay valid
+    as long as they are referenced, and must be cloned before any in-place write.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    header = decode_header(frames[0])
+    kind = header["kind"]
+    if kind != BATCH:
+        if len(frames) != 1:
+            raise ProtocolError(f"{kind} message must have 1 frame, got {len(frames)}")
+        return Message(kind, header)
+    descr = _tensor_descr(header)
+    if len(frames) != 1 + len(descr):
+        raise ProtocolError(
+            f"batch header describes {len(descr)} tensors but {len(frames) - 1} frames followed"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    total = 0
+    for (name, dtype, shape), frame in zip(descr, frames[1:], strict=True):
+        buf = _buffer(frame)
+        tdtype, itemsize = DTYPES[dtype]
+        want = math.prod(shape) * itemsize
+        if buf.nbytes != want:
+            raise ProtocolError(
+                f"tensor '{name}': shape {list(shape)} x {itemsize} bytes = {want}, "
+                f"but its frame has {buf.nbytes} bytes"
+            )
+        total += want
+        if total > max_bytes:
+            raise ProtocolError(f"batch exceeds the {max_bytes}-byte message limit")
+        tensors[name] = frombuffer(buf, tdtype, shape)
+    return Message(kind, header, tensors)
+
+
+def frombuffer(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Zero-copy tensor over ``buf`` (kept alive by the tensor). Read-only buffers are fine."""
+    if buf.nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    import warnings
+
+    with warnings.catch_warnings():
+        # ZeroMQ frames are read-only; the tensor is documented as read-only too.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+
+def error_fields(code: str, message: str, *, fatal: bool = True) -> dict[str, Any]:
+    return {"code": code, "message": message, "fatal": fatal}
+
+
+__all__ = [
+    "BATCH",
+    "BYE",
+    "CREDIT",
+    "CYCLE_END",
+    "CYCLE_START",
+    "DTYPES",
+    "ERROR",
+    "HELLO",
+    "MAX_HEADER_BYTES",
+    "Message",
+    "NEXT_CYCLE",
+    "PROTOCOL_VERSION",
+    "SCHEMA",
+    "WELCOME",
+    "decode",
+    "decode_header",
+    "dtype_name",
+    "encode",
+    "error_fields",
+    "frombuffer",
+]

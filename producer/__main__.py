@@ -1,0 +1,10 @@
+"""``python -m producer`` / ``lensfeed-producer``."""
+
+from __future__ import annotations
+
+import sys
+
+from producer.main import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Background regeneration: batches are built before they are needed, within a budget.
+
+The generator thread walks (cycle, batch) in order and keeps at most ``max_batches`` batches
+(and ``max_bytes`` bytes) ready. It never runs more than one cycle past the newest cycle the
+trainer asked for (``prepare_ahead=True``) or past that cycle at all (``False``), so memory is
+bounded by the budget whatever the cycle size. Which batch is built never depends on timing,
+only on (spec, rank, cycle, batch): preparing ahead changes when bytes are made, not which.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from producer.source import Batch, BatchSource
+
+
+@dataclass
+class Ready:
+    """One item the generator made: a batch, the end of a cycle, or a failure."""
+
+    kind: str  # "batch" | "end" | "error"
+    cycle: int
+    batch: int = 0
+    data: Batch | None = None
+    nbytes: int = 0
+    regen_s: float = 0.0
+    error: BaseException | None = None
+
+
+def _nbytes(batch: Batch) -> int:
+    total = 0
+    for v in batch.values():
+        total += v.nbytes if hasattr(v, "nbytes") else v.numel() * v.element_size()
+    return total
+
+
+class Prefetcher:
+    """Runs ``source.iter_batches`` in a daemon thread and hands out :class:`Ready` items."""
+
+    def __init__(
+        self,
+        source: BatchSource,
+        *,
+        max_batches: int,
+        max_bytes: int = 0,
+        prepare_ahead: bool = True,
+    ) -> None:
+        self.source = source
+        self.max_batches = max(1, max_batches)
+        self.max_bytes = max_bytes
+        self.prepare_ahead = prepare_ahead
+        self._cv = threading.Condition()
+        self._items: deque[Ready] = deque()
+        self._ready_batches = 0
+        self._ready_bytes = 0
+        self._gen: tuple[int, int] | None = None  # next (cycle, batch) to build; None = idle
+        self._requested = -1  # newest cycle the trainer asked for
+        self._epoch = 0
+        self._failed = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="lensfeed-regen", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- control (server thread)
+
+    def reset(self, cycle: int, batch: int) -> None:
+        """Drop everything prepared and restart generation at (cycle, batch)."""
+        with self._cv:
+            self._items.clear()
+            self._ready_batches = self._ready_bytes = 0
+            self._gen = (cycle, batch)
+            self._requested = cycle - 1
+            self._epoch += 1
+            self._failed = False
+            self._cv.notify_all()
+
+    def request(self, cycle: int) -> bool:
+        """The trainer asked for ``cycle``; returns whether some of it was already prepared."""
+        with self._cv:
+            self._requested = max(self._requested, cycle)
+            ready = any(it.cycle == cycle for it in self._items)
+            self._cv.notify_all()
+            return ready
+
+    def get(self, timeout: float) -> Ready | None:
+        """Next item in (cycle, batch) order, or None if none is ready within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while not self._items:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    return None
+                self._cv.wait(remaining)
+            item = self._items.popleft()
+            if item.kind == "batch":
+                self._ready_batches -= 1
+                self._ready_bytes -= item.nbytes
+            self._cv.notify_all()
+            return item
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+
+    # ---------------------------------------------------------------- generator thread
+
+    def _may_build(self) -> bool:
+        if self._gen is None or self._failed:
+            return False
+        limit = self._requested + (1 if self.prepare_ahead else 0)
+        if self._gen[0] > limit:
+            return False
+        if self._ready_batches >= self.max_batches:
+            return False
+        return not (self.max_bytes and self._ready_batches and self._ready_bytes >= self.max_bytes)
+
+    def _run(self) -> None:
+        it: Any = None
+        it_key: tuple[int, int] | None = None  # (epoch, cycle) the iterator belongs to
+        regen_s = 0.0
+        while True:
+            with self._cv:
+                while not self._closed and not self._may_build():
+                    self._cv.wait()
+                if self._closed:
+                    return
+                assert self._gen is not None
+                epoch, (cycle, batch) = self._epoch, self._gen
+            try:
+                if it_key != (epoch, cycle):
+                    it = self.source.iter_batches(cycle, batch)
+                    it_key, regen_s = (epoch, cycle), 0.0
+                t0 = time.perf_counter()
+                data = next(it, None)
+                dt = time.perf_counter() - t0
+                regen_s += dt
+                end = None
+                if data is None or batch + 1 >= self.source.cycle_info(cycle).batches:
+                    self.source.end_cycle(cycle)
+                    end = Ready("end", cycle, regen_s=regen_s)
+            except BaseException as exc:  # reported to the trainer, never swallowed
+                with self._cv:
+                    if epoch == self._epoch:
+                        self._items.append(Ready("error", cycle, batch, error=exc))
+                        self._failed = True
+                        self._cv.notify_all()
+                it_key = None
+                continue
+            with self._cv:
+                if epoch != self._epoch:  # reset while we were building: discard
+                    continue
+                if data is not None:
+                    nb = _nbytes(data)
+                    self._items.append(Ready("batch", cycle, batch, data, nbytes=nb))
+                    self._ready_batches += 1
+                    self._ready_bytes += nb
+                if end is not None:
+                    self._items.append(end)
+                    self._gen = (cycle + 1, 0)
+                    it_key = None
+                else:
+                    self._gen = (cycle, batch + 1)
+                self._cv.notify_all()
+
+
+__all__ = ["Prefetcher", "Ready"]

@@ -1,0 +1,141 @@
+"""Run one producer process: bind, load the rank's shard, serve until the trainer says bye."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+
+import zmq
+
+from common.config import DataSpec, LensfeedConfig, load_config, shard_size_warnings
+from common.env import env_rank
+from common.errors import LensfeedError
+from common.logs import setup_logging
+from producer.server import ProducerServer, bind_socket, linger_with_error
+from producer.shard import load_shard
+from producer.source import ShardSource
+
+log = logging.getLogger("lensfeed.producer")
+
+
+def build_source(cfg: LensfeedConfig, rank: int) -> ShardSource:
+    """Open rank's shard and the configured transform; bad input raises LensfeedError."""
+    spec = DataSpec.from_config(cfg)
+    shard = load_shard(
+        cfg.dataset.path, rank=rank, world_size=cfg.world_size, columns=list(cfg.dataset.columns)
+    )
+    with warnings.catch_warnings(record=True):
+        for msg in shard_size_warnings(shard_rows=shard.num_rows, cfg=cfg, rank=rank):
+            log.warning("%s", msg)
+    transform = None
+    if cfg.activations.builder == "activations":
+        from producer.activations import build_transform
+
+        seq_len = shard.columns["input_ids"].row_shape[0]
+        transform = build_transform(cfg.activations, rank=rank, seed=cfg.seed, seq_len=seq_len)
+        transform.group = max(1, cfg.activations.forward_batch_size // cfg.batch_size)
+    return ShardSource(shard, spec, transform=transform)
+
+
+def run_producer(cfg: LensfeedConfig, rank: int) -> int:
+    """Serve rank's shard; returns the exit code (non-zero after a fatal error)."""
+    if not 0 <= rank < cfg.world_size:
+        raise LensfeedError(f"--rank {rank} is outside world_size {cfg.world_size}")
+    endpoint = cfg.bind_for(rank)
+    ctx = zmq.Context()
+    sock = bind_socket(ctx, endpoint)
+    try:
+        try:
+            source = build_source(cfg, rank)
+        except LensfeedError as exc:
+            log.error("rank %d: %s", rank, exc)
+            log.info(
+                "rank %d: waiting up to %.0f s to tell the trainer", rank, cfg.feed.error_linger_s
+            )
+            linger_with_error(sock, exc, linger_s=cfg.feed.error_linger_s)
+            return 1
+        log.info(
+            "rank %d/%d serving %s on %s: shard rows %d (global %d..%d), cycle size %d "
+            "(first %d), batch %d, %d batches per cycle, shuffle=%s, builder=%s",
+            rank,
+            cfg.world_size,
+            cfg.dataset.path,
+            endpoint,
+            source.shard_rows,
+            source.shard_offset,
+            source.shard_offset + source.shard_rows - 1,
+            cfg.cycle_size,
+            cfg.initial_cycle_size,
+            cfg.batch_size,
+            source.cycle_info(1).batches,
+            cfg.dataset.on_the_fly.shuffle,
+            cfg.activations.builder,
+        )
+        server = ProducerServer(source, sock=sock, feed=cfg.feed)
+        code = server.serve()
+        log.info(
+            "rank %d: done (exit %d), sent %d batches, %.1f MB",
+            rank,
+            code,
+            server.batches_sent,
+            server.bytes_sent / 1e6,
+        )
+        return code
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def _pin_cpus(spec: str) -> None:
+    cpus = {int(c) for c in spec.split(",") if c.strip()}
+    os.sched_setaffinity(0, cpus)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lensfeed produce",
+        description="Serve one DDP rank's shard of a pretokenized Arrow dataset over ZeroMQ. "
+        "Each cycle regenerates the next samples_per_regeneration_cycle samples of the rank's "
+        "shard (wrapping at its end) and streams them as batches to the trainer rank.",
+    )
+    p.add_argument("--config", "-c", default=None, help="YAML config (e.g. conf/demo.yaml)")
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="DDP rank to serve (default: $RANK, then $LOCAL_RANK, then 0)",
+    )
+    p.add_argument(
+        "--cpus",
+        default="",
+        help="comma-separated CPU ids to pin this process to (e.g. 0,1)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides in dotted form, e.g. batch_size=64 dataset.path=/data/corpus",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    rank = args.rank if args.rank is not None else env_rank(0)
+    setup_logging("producer", rank=rank)
+    try:
+        if args.cpus:
+            _pin_cpus(args.cpus)
+        cfg = load_config(args.config, args.overrides)
+        return run_producer(cfg, rank)
+    except LensfeedError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["build_source", "main", "parser", "run_producer"]

@@ -1,0 +1,282 @@
+"""The producer's ZeroMQ side: handshake, credit-based sending, cycle requests, errors.
+
+One ROUTER socket serves one trainer rank at a time (a new HELLO replaces a dead session, which
+is how a restarted trainer resumes). Batches leave only while the trainer has granted credits,
+so at most ``prefetch`` batches are ever in flight and neither side's memory grows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import zmq
+
+from common import protocol as P
+from common.config import DataSpec, FeedConfig
+from common.errors import LensfeedError, ProtocolError, StateMismatchError
+from producer.ahead import Prefetcher, Ready
+from producer.source import BatchSource
+
+log = logging.getLogger("lensfeed.producer")
+
+#: Poll interval of the server loop; bounds how late a shutdown or idle check can be.
+_TICK_S = 0.05
+
+
+def bind_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A ROUTER bound to ``endpoint`` (creating the ipc directory); errors name the endpoint."""
+    if endpoint.startswith("ipc://"):
+        Path(endpoint[len("ipc://") :]).parent.mkdir(parents=True, exist_ok=True)
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.SNDHWM, 0)  # credits bound what is queued; never drop or block here
+    sock.setsockopt(zmq.RCVHWM, 1000)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise LensfeedError(f"cannot bind producer endpoint {endpoint}: {exc}") from None
+    return sock
+
+
+def _send(sock: zmq.Socket, peer: bytes, frames: list) -> bool:
+    """Send to ``peer``; False if the peer is gone (ROUTER_MANDATORY)."""
+    try:
+        sock.send_multipart([peer, *frames], copy=False)
+        return True
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EHOSTUNREACH:
+            return False
+        raise
+
+
+def send_error(sock: zmq.Socket, peer: bytes, err: BaseException, *, fatal: bool) -> None:
+    code = err.code if isinstance(err, LensfeedError) else "internal"
+    text = str(err) if isinstance(err, LensfeedError) else f"{type(err).__name__}: {err}"
+    _send(sock, peer, P.encode(P.ERROR, P.error_fields(code, text, fatal=fatal)))
+
+
+def linger_with_error(sock: zmq.Socket, err: BaseException, *, linger_s: float) -> None:
+    """After a fatal start-up error: answer any trainer that says hello within ``linger_s``."""
+    deadline = time.monotonic() + linger_s
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not sock.poll(int(remaining * 1000)):
+            return
+        frames = sock.recv_multipart()
+        send_error(sock, frames[0], err, fatal=True)
+        log.info("told trainer %r about the error", frames[0])
+
+
+class ProducerServer:
+    """Serves ``source`` to one trainer rank; :meth:`serve` returns the process exit code."""
+
+    def __init__(self, source: BatchSource, *, sock: zmq.Socket, feed: FeedConfig) -> None:
+        self.source = source
+        self.spec: DataSpec = source.spec
+        self.rank = source.rank
+        self.sock = sock
+        self.feed = feed
+        self.ahead = Prefetcher(
+            source,
+            max_batches=feed.max_ahead_batches,
+            max_bytes=feed.max_ahead_bytes,
+            prepare_ahead=feed.prepare_ahead,
+        )
+        self.peer: bytes | None = None
+        self.credits = 0
+        self.seq = 0
+        self.serving: int | None = None  # cycle being sent
+        self.expected: tuple[int, int] | None = None  # next (cycle, batch) the prefetcher yields
+        self.batches_sent = 0
+        self.bytes_sent = 0
+        self._stop: int | None = None
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return 0 at its next tick (used by in-process fakes)."""
+        self._stop = 0
+
+    def close(self) -> None:
+        self.ahead.close()
+        self.source.close()
+
+    # ---------------------------------------------------------------- main loop
+
+    def serve(self) -> int:
+        last_msg = time.monotonic()
+        try:
+            while self._stop is None:
+                can_send = self.peer is not None and self.serving is not None and self.credits > 0
+                if can_send:
+                    item = self.ahead.get(_TICK_S)
+                    if item is not None:
+                        self._emit(item)
+                    timeout_ms = 0
+                else:
+                    timeout_ms = int(_TICK_S * 1000)
+                while self._stop is None and self.sock.poll(timeout_ms):
+                    timeout_ms = 0
+                    frames = self.sock.recv_multipart(copy=False)
+                    last_msg = time.monotonic()
+                    self._handle(frames[0].bytes, frames[1:])
+                idle = self.feed.idle_timeout_s
+                if idle > 0 and time.monotonic() - last_msg > idle:
+                    log.error("rank %d: no trainer message for %.0f s; exiting", self.rank, idle)
+                    return 2
+            return self._stop
+        finally:
+            self.close()
+
+    def _emit(self, item: Ready) -> None:
+        assert self.peer is not None
+        if item.kind == "error":
+            err = item.error
+            assert err is not None
+            log.error("rank %d: regeneration failed in cycle %d: %s", self.rank, item.cycle, err)
+            send_error(self.sock, self.peer, err, fatal=True)
+            self._stop = 1
+            return
+        if item.kind == "end":
+            info = self.source.cycle_info(item.cycle)
+            fields = {
+                "rank": self.rank,
+                "cycle": item.cycle,
+                "batches": info.batches,
+                "regen_s": item.regen_s,
+            }
+            self._deliver(P.encode(P.CYCLE_END, fields))
+            self.expected = (item.cycle + 1, 0)
+            self.serving = None
+            return
+        assert item.data is not None
+        fields = {"rank": self.rank, "cycle": item.cycle, "batch": item.batch, "seq": self.seq}
+        self._deliver(P.encode(P.BATCH, fields, item.data))
+        self.seq += 1
+        self.credits -= 1
+        self.batches_sent += 1
+        self.bytes_sent += item.nbytes
+        self.expected = (item.cycle, item.batch + 1)
+
+    def _deliver(self, frames: list) -> None:
+        assert self.peer is not None
+        if not _send(self.sock, self.peer, frames):
+            log.warning("rank %d: trainer went away; waiting for a new hello", self.rank)
+            self.peer = None
+            self.serving = None
+
+    # ---------------------------------------------------------------- incoming
+
+    def _handle(self, peer: bytes, frames: list) -> None:
+        try:
+            msg = P.decode(frames, max_bytes=P.MAX_HEADER_BYTES)
+        except ProtocolError as exc:
+            log.warning("rank %d: rejected malformed message: %s", self.rank, exc)
+            send_error(self.sock, peer, exc, fatal=False)
+            return
+        if msg.kind == P.HELLO:
+            self._hello(peer, msg)
+            return
+        if peer != self.peer:
+            err = ProtocolError(f"'{msg.kind}' before hello: say hello first")
+            send_error(self.sock, peer, err, fatal=False)
+            return
+        if msg.kind == P.CREDIT:
+            if msg["n"] < 0:
+                send_error(self.sock, peer, ProtocolError("negative credit"), fatal=False)
+                return
+            self.credits += msg["n"]
+        elif msg.kind == P.NEXT_CYCLE:
+            self._next_cycle(peer, msg["cycle"], msg["batch"])
+        elif msg.kind == P.BYE:
+            log.info("rank %d: trainer said goodbye", self.rank)
+            self.peer = None
+            self.serving = None
+            if self.feed.exit_on_bye:
+                self._stop = 0
+        else:
+            send_error(
+                self.sock, peer, ProtocolError(f"unexpected '{msg.kind}' from trainer"), fatal=False
+            )
+
+    def _check_cursor(self, cycle: int, batch: int) -> None:
+        n = self.spec.batches_in_cycle(max(cycle, 0))
+        if cycle < 0 or not 0 <= batch < n:
+            raise ProtocolError(
+                f"cursor (cycle {cycle}, batch {batch}) is invalid: cycle must be >= 0 and "
+                f"batch in [0, {n})"
+            )
+
+    def _hello(self, peer: bytes, msg: P.Message) -> None:
+        try:
+            if msg["rank"] != self.rank:
+                raise StateMismatchError(
+                    f"trainer rank {msg['rank']} connected to the producer of rank {self.rank}; "
+                    "check feed.endpoint"
+                )
+            try:
+                theirs = DataSpec.from_dict(msg["spec"])
+            except (TypeError, ValueError) as exc:
+                raise ProtocolError(f"hello has a malformed data spec: {exc}") from None
+            diffs = theirs.differences(self.spec)
+            if diffs or msg["fingerprint"] != self.spec.fingerprint():
+                detail = "; ".join(diffs) or (
+                    f"fingerprint {msg['fingerprint']} vs {self.spec.fingerprint()}"
+                )
+                raise StateMismatchError(
+                    f"rank {self.rank}: trainer and producer configs differ (trainer vs "
+                    f"producer): {detail}"
+                )
+            self._check_cursor(msg["cycle"], msg["batch"])
+        except LensfeedError as exc:
+            log.error("rank %d: refused trainer: %s", self.rank, exc)
+            send_error(self.sock, peer, exc, fatal=True)
+            return
+        if self.peer is not None and peer != self.peer:
+            log.warning("rank %d: a new trainer session replaces the previous one", self.rank)
+        self.peer = peer
+        self.credits = max(0, msg["credits"])
+        self.seq = 0
+        self.serving = None
+        welcome = {
+            "rank": self.rank,
+            "shard_rows": self.source.shard_rows,
+            "shard_offset": self.source.shard_offset,
+            "fingerprint": self.spec.fingerprint(),
+            "dataset_fingerprint": self.source.dataset_fingerprint,
+        }
+        self._deliver(P.encode(P.WELCOME, welcome))
+        cursor = (msg["cycle"], msg["batch"])
+        if self.expected != cursor:
+            self.ahead.reset(*cursor)
+            self.expected = cursor
+        log.info("rank %d: trainer connected, resuming at cycle %d batch %d", self.rank, *cursor)
+
+    def _next_cycle(self, peer: bytes, cycle: int, batch: int) -> None:
+        try:
+            self._check_cursor(cycle, batch)
+        except ProtocolError as exc:
+            send_error(self.sock, peer, exc, fatal=False)
+            return
+        if self.expected != (cycle, batch):
+            self.ahead.reset(cycle, batch)
+            self.expected = (cycle, batch)
+        prepared = self.ahead.request(cycle)
+        info = self.source.cycle_info(cycle)
+        fields = {
+            "rank": self.rank,
+            "cycle": cycle,
+            "batches": info.batches,
+            "start_batch": batch,
+            "wraps": info.wraps,
+            "total_wraps": info.total_wraps,
+            "shard_pos": info.shard_pos,
+            "shard_rows": info.shard_rows,
+            "prepared_ahead": prepared,
+        }
+        self.serving = cycle
+        self._deliver(P.encode(P.CYCLE_START, fields))
+
+
+__all__ = ["ProducerServer", "bind_socket", "linger_with_error", "send_error"]

@@ -1,0 +1,169 @@
+"""Batch sources: what a producer serves. ``ShardSource`` reads the rank's shard; the fake
+producer has its own synthetic source with the same interface.
+
+The per-batch transform hook turns token arrays into training tensors (default: pass-through).
+The activation builder (``producer.activations``) is one such transform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from common.config import DataSpec
+from common.errors import LensfeedError, TransformError
+from producer.cycle import CycleCursor, CycleInfo
+from producer.shard import Shard
+
+Array = np.ndarray | torch.Tensor
+Batch = dict[str, Array]
+
+
+@dataclass
+class BatchContext:
+    """What a transform may know about the samples it is given.
+
+    ``slots`` are the cycle-local positions (0 .. ``cycle_len - 1``, in serving order) of the rows
+    in this call; ``fetch(slots)`` returns the token arrays (and ``sample_idx``) of any other
+    slots of the same cycle, e.g. to pair each sample with a partner.
+    """
+
+    rank: int
+    cycle: int
+    batch: int  # index of the first training batch in this call
+    num_batches: int  # training batches in this call
+    seed: int
+    slots: np.ndarray
+    cycle_len: int
+    fetch: Callable[[np.ndarray], Batch]
+
+
+@runtime_checkable
+class BatchTransform(Protocol):
+    """Turns a group of token batches into training tensors.
+
+    Called with ``group`` training batches concatenated along dim 0 (fewer at a cycle's end);
+    every returned tensor must keep that leading dimension so it can be split back. Optional
+    methods: ``end_cycle(cycle)`` (release per-cycle memory) and ``close()``.
+    """
+
+    group: int
+
+    def __call__(self, arrays: Batch, ctx: BatchContext) -> Mapping[str, Array]: ...
+
+
+class BatchSource(Protocol):
+    """What the producer server needs from its data."""
+
+    spec: DataSpec
+    rank: int
+    shard_rows: int
+    shard_offset: int
+    dataset_fingerprint: str
+
+    def cycle_info(self, cycle: int) -> CycleInfo: ...
+
+    def iter_batches(self, cycle: int, start: int) -> Iterator[Batch]: ...
+
+    def end_cycle(self, cycle: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _split(out: Mapping[str, Array], count: int, batch_size: int) -> list[Batch]:
+    """Split a group's outputs back into ``count`` training batches (views, no copies)."""
+    n = count * batch_size
+    for name, t in out.items():
+        if t.shape[:1] != (n,):
+            raise TransformError(
+                f"transform output '{name}' has shape {tuple(t.shape)}; leading dim must be {n}"
+            )
+    return [
+        {name: t[i * batch_size : (i + 1) * batch_size] for name, t in out.items()}
+        for i in range(count)
+    ]
+
+
+class ShardSource:
+    """Serves a rank's shard: cursor + vectorised gather + optional transform."""
+
+    def __init__(
+        self,
+        shard: Shard,
+        spec: DataSpec,
+        *,
+        transform: BatchTransform | None = None,
+    ) -> None:
+        self.shard = shard
+        self.spec = spec
+        self.rank = shard.rank
+        self.shard_rows = shard.num_rows
+        self.shard_offset = shard.offset
+        self.dataset_fingerprint = shard.fingerprint
+        self.cursor = CycleCursor(spec, rank=shard.rank, shard_rows=shard.num_rows)
+        self.transform = transform
+
+    def cycle_info(self, cycle: int) -> CycleInfo:
+        return self.cursor.info(cycle)
+
+    def fetch(self, cycle: int, slots: np.ndarray) -> Batch:
+        return self.shard.gather(self.cursor.slot_rows(cycle, slots))
+
+    def iter_batches(self, cycle: int, start: int) -> Iterator[Batch]:
+        """Batches ``start ..`` of ``cycle``; deterministic in (spec, rank, cycle, batch)."""
+        n = self.spec.batches_in_cycle(cycle)
+        group = max(1, int(getattr(self.transform, "group", 1))) if self.transform else 1
+        b = start
+        while b < n:
+            count = min(group, n - b)
+            slots = self.cursor.batch_slots(cycle, b, count)
+            arrays = self.fetch(cycle, slots)
+            if self.transform is None:
+                yield arrays  # count == 1
+            else:
+                ctx = BatchContext(
+                    rank=self.rank,
+                    cycle=cycle,
+                    batch=b,
+                    num_batches=count,
+                    seed=self.spec.seed,
+                    slots=slots,
+                    cycle_len=n * self.spec.batch_size,
+                    fetch=lambda s, _c=cycle: self.fetch(_c, s),
+                )
+                try:
+                    out = self.transform(arrays, ctx)
+                except LensfeedError:
+                    raise
+                except Exception as exc:
+                    raise TransformError(
+                        f"rank {self.rank}: transform failed on cycle {cycle} batch {b}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                yield from _split(out, count, self.spec.batch_size)
+            b += count
+
+    def end_cycle(self, cycle: int) -> None:
+        hook = getattr(self.transform, "end_cycle", None)
+        if hook is not None:
+            hook(cycle)
+
+    def close(self) -> None:
+        hook = getattr(self.transform, "close", None)
+        if hook is not None:
+            hook()
+
+
+def describe(batch: Mapping[str, Any]) -> str:
+    """``name:dtype[shape]`` list for logs."""
+    return ", ".join(
+        f"{k}:{np.dtype(v.dtype) if isinstance(v, np.ndarray) else v.dtype}{list(v.shape)}"
+        for k, v in batch.items()
+    )
+
+
+__all__ = ["Batch", "BatchContext", "BatchSource", "BatchTransform", "ShardSource", "describe"]

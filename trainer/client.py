@@ -1,0 +1,377 @@
+"""The feed client: rank r's connection to its producer, as an iterator of cycles of batches.
+
+::
+
+    feed = FeedClient(cfg.endpoint_for(rank), rank=rank, spec=DataSpec.from_config(cfg))
+    for cycle in feed.cycles(num_cycles=3):      # asking for a cycle = "regenerate it"
+        for batch in cycle:                      # dict[str, Tensor] on the target device
+            loss = step(batch)
+        ckpt["feed"] = feed.state_dict()         # flat JSON-able cursor
+    feed.close()
+
+A background thread owns the socket: it receives up to ``prefetch`` batches ahead (the credits
+the producer was granted) and stages them on the device, so a step only waits when the producer
+falls behind; the time it waited is recorded in :attr:`FeedClient.stats`.
+
+CPU tensors are zero-copy, *read-only* views of the received frames: they stay valid as long as
+you hold them, but clone before writing in place. CUDA tensors are ordinary device memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+
+from common import protocol as P
+from common.config import DataSpec
+from common.errors import (
+    LensfeedError,
+    ProducerTimeoutError,
+    ProtocolError,
+    RemoteError,
+    StateMismatchError,
+)
+from trainer.device import Staged, Stager
+
+log = logging.getLogger("lensfeed.trainer")
+
+_STOP = b"__stop__"
+
+
+@dataclass
+class FeedStats:
+    """Counters a training loop reports: how much it got, and how long it waited for it."""
+
+    batches: int = 0
+    samples: int = 0
+    bytes: int = 0
+    wait_s: float = 0.0
+    cleanups: int = 0
+
+
+@dataclass
+class Cycle:
+    """One regenerated cycle: iterate it for its batches (from ``start_batch`` on a resume)."""
+
+    index: int
+    num_batches: int
+    start_batch: int
+    meta: dict[str, Any]
+    _client: FeedClient = field(repr=False)
+    wait_s: float = 0.0
+    regen_s: float = 0.0
+    done: bool = False
+
+    @property
+    def remaining(self) -> int:
+        return self.num_batches - self.start_batch
+
+    @property
+    def wraps(self) -> int:
+        return int(self.meta["wraps"])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self._client._iter_cycle(self)
+
+
+class FeedClient:
+    """Connects rank ``rank`` to its producer at ``endpoint``. See the module docstring.
+
+    ``state_dict()`` keys: ``cycle`` and ``batch`` (the next batch to consume), ``fingerprint``
+    (of the data spec), ``rank``, ``world_size``. Prefetched batches are never counted.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        rank: int,
+        spec: DataSpec,
+        device: torch.device | str = "cpu",
+        prefetch: int = 8,
+        timeout_s: float = 60.0,
+        max_message_bytes: int = 1 << 31,
+        cleanup_each_cycle: bool = True,
+    ) -> None:
+        if prefetch <= 0:
+            raise ValueError(f"prefetch must be positive (got {prefetch})")
+        self.endpoint = endpoint
+        self.rank = rank
+        self.spec = spec
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.cleanup_each_cycle = cleanup_each_cycle
+        self.stats = FeedStats()
+        self.welcome: dict[str, Any] = {}
+        self._cursor = (0, 0)  # next (cycle, batch) the loop will consume
+        self._current: Cycle | None = None
+        self._ctx: zmq.Context | None = None
+        self._cmd: zmq.Socket | None = None
+        self._items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stager = Stager(self.device, slots=prefetch + 1)
+        self._failed: LensfeedError | None = None
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        cycle, batch = self._cursor
+        if batch >= self.spec.batches_in_cycle(cycle):
+            cycle, batch = cycle + 1, 0
+        return {
+            "cycle": cycle,
+            "batch": batch,
+            "fingerprint": self.spec.fingerprint(),
+            "rank": self.rank,
+            "world_size": self.spec.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state``; must be called before the first cycle is requested."""
+        if self._thread is not None:
+            raise LensfeedError("load_state_dict() must be called before connecting")
+        for key, ours in (
+            ("fingerprint", self.spec.fingerprint()),
+            ("rank", self.rank),
+            ("world_size", self.spec.world_size),
+        ):
+            if state.get(key) != ours:
+                raise StateMismatchError(
+                    f"feed state was saved with {key}={state.get(key)!r}, found {ours!r} now; "
+                    "the checkpoint belongs to another data configuration or rank"
+                )
+        cycle, batch = int(state["cycle"]), int(state["batch"])
+        if cycle < 0 or not 0 <= batch < self.spec.batches_in_cycle(cycle):
+            raise StateMismatchError(f"feed state cursor (cycle {cycle}, batch {batch}) is invalid")
+        self._cursor = (cycle, batch)
+
+    # ---------------------------------------------------------------- connection
+
+    def _where(self) -> str:
+        return f"producer for rank {self.rank} at {self.endpoint}"
+
+    def connect(self) -> dict[str, Any]:
+        """Handshake (with the resume cursor) and start the receiver; returns the WELCOME fields."""
+        if self._thread is not None:
+            return self.welcome
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.endpoint)
+        cycle, batch = self._cursor
+        hello = {
+            "rank": self.rank,
+            "world_size": self.spec.world_size,
+            "spec": self.spec.to_dict(),
+            "fingerprint": self.spec.fingerprint(),
+            "cycle": cycle,
+            "batch": batch,
+            "credits": self.prefetch,
+        }
+        sock.send_multipart(P.encode(P.HELLO, hello))
+        t0 = time.monotonic()
+        if not sock.poll(int(self.timeout_s * 1000)):
+            sock.close()
+            raise ProducerTimeoutError(
+                f"no answer from the {self._where()} within {self.timeout_s:.0f} s; is it "
+                f"running? (start it with: lensfeed produce --rank {self.rank} ...)"
+            )
+        self.stats.wait_s += time.monotonic() - t0
+        try:
+            msg = P.decode(sock.recv_multipart(), max_bytes=self.max_message_bytes)
+        except ProtocolError as exc:
+            sock.close()
+            raise ProtocolError(f"{self._where()}: {exc}") from None
+        if msg.kind == P.ERROR:
+            sock.close()
+            raise RemoteError(msg["code"], f"{self._where()}: {msg['message']}", rank=self.rank)
+        if msg.kind != P.WELCOME or msg["fingerprint"] != self.spec.fingerprint():
+            sock.close()
+            raise ProtocolError(f"{self._where()}: expected welcome, got {msg.header}")
+        self.welcome = dict(msg.header)
+        cmd_addr = f"inproc://lensfeed-cmd-{id(self)}"
+        inner = self._ctx.socket(zmq.PAIR)
+        inner.bind(cmd_addr)
+        self._cmd = self._ctx.socket(zmq.PAIR)
+        self._cmd.connect(cmd_addr)
+        self._thread = threading.Thread(
+            target=self._receive, args=(sock, inner), name=f"lensfeed-recv-{self.rank}", daemon=True
+        )
+        self._thread.start()
+        return self.welcome
+
+    def _send(self, kind: str, fields: dict[str, Any]) -> None:
+        assert self._cmd is not None
+        self._cmd.send_multipart(P.encode(kind, fields))
+
+    def _receive(self, sock: zmq.Socket, cmd: zmq.Socket) -> None:
+        """Receiver thread: forward commands out, decode and stage batches in."""
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(cmd, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll())
+                if cmd in events:
+                    frames = cmd.recv_multipart()
+                    if frames[0] == _STOP:
+                        return
+                    sock.send_multipart(frames)
+                if sock in events:
+                    frames = sock.recv_multipart(copy=False)
+                    try:
+                        msg = P.decode(frames, max_bytes=self.max_message_bytes)
+                    except ProtocolError as exc:
+                        self._items.put(("fail", ProtocolError(f"{self._where()}: {exc}")))
+                        continue
+                    if msg.kind == P.BATCH:
+                        self._items.put(("batch", (msg.header, self._stager.stage(msg.tensors))))
+                    else:
+                        self._items.put((msg.kind, msg.header))
+        except Exception as exc:  # surfaces in the training loop, never dies silently
+            self._items.put(("fail", LensfeedError(f"{self._where()}: receiver failed: {exc}")))
+        finally:
+            sock.close(linger=1000)  # let a final BYE reach the producer
+            cmd.close(linger=0)
+
+    def close(self) -> None:
+        """Say goodbye (the producer may exit) and release sockets and the receiver thread."""
+        if self._thread is not None and self._cmd is not None:
+            try:
+                self._send(P.BYE, {})
+                self._cmd.send(_STOP)
+            except zmq.ZMQError:
+                pass
+            self._thread.join(timeout=5)
+            self._cmd.close(linger=0)
+        self._thread = None
+        self._cmd = None
+        self._current = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def __enter__(self) -> FeedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- consuming
+
+    def _take(self, what: str) -> tuple[str, Any]:
+        if self._failed is not None:
+            raise self._failed
+        t0 = time.monotonic()
+        try:
+            kind, payload = self._items.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self._failed = ProducerTimeoutError(
+                f"no {what} from the {self._where()} within {self.timeout_s:.0f} s"
+            )
+            raise self._failed from None
+        waited = time.monotonic() - t0
+        self.stats.wait_s += waited
+        if self._current is not None:
+            self._current.wait_s += waited
+        if kind == P.ERROR:
+            self._failed = RemoteError(
+                payload["code"], f"{self._where()}: {payload['message']}", rank=self.rank
+            )
+            raise self._failed
+        if kind == "fail":
+            self._failed = payload
+            raise payload
+        return kind, payload
+
+    def next_cycle(self) -> Cycle:
+        """Ask the producer for the next cycle (this is the regeneration signal) and return it."""
+        if self._current is not None and not self._current.done:
+            raise LensfeedError(
+                f"cycle {self._current.index} still has unconsumed batches; iterate it to the end "
+                "before asking for the next cycle"
+            )
+        self.connect()
+        cycle, batch = self._cursor
+        if batch >= self.spec.batches_in_cycle(cycle):
+            cycle, batch = cycle + 1, 0
+            self._cursor = (cycle, batch)
+        self._send(P.NEXT_CYCLE, {"cycle": cycle, "batch": batch})
+        kind, header = self._take(f"start of cycle {cycle}")
+        if kind != P.CYCLE_START or header["cycle"] != cycle:
+            raise ProtocolError(f"{self._where()}: expected start of cycle {cycle}, got {kind}")
+        if header["batches"] != self.spec.batches_in_cycle(cycle):
+            raise ProtocolError(
+                f"{self._where()}: cycle {cycle} has {header['batches']} batches, expected "
+                f"{self.spec.batches_in_cycle(cycle)}"
+            )
+        self._current = Cycle(
+            index=cycle,
+            num_batches=header["batches"],
+            start_batch=batch,
+            meta=dict(header),
+            _client=self,
+        )
+        return self._current
+
+    def cycles(self, num_cycles: int | None = None) -> Iterator[Cycle]:
+        """Cycles in order from the resume cursor; ``num_cycles`` counts from cycle 0."""
+        while num_cycles is None or self.state_dict()["cycle"] < num_cycles:
+            cycle = self.next_cycle()
+            yield cycle
+            if not cycle.done:  # the loop broke out early (e.g. max_steps): stop here
+                return
+
+    def _iter_cycle(self, cycle: Cycle) -> Iterator[dict[str, torch.Tensor]]:
+        if cycle is not self._current or cycle.done:
+            raise LensfeedError(f"cycle {cycle.index} can only be iterated once, while current")
+        for b in range(cycle.start_batch, cycle.num_batches):
+            kind, payload = self._take(f"batch {b} of cycle {cycle.index}")
+            if kind != P.BATCH:
+                raise ProtocolError(f"{self._where()}: expected batch {b}, got {kind}")
+            header, staged = payload
+            if header["cycle"] != cycle.index or header["batch"] != b:
+                raise ProtocolError(
+                    f"{self._where()}: out-of-order batch (cycle {header['cycle']}, batch "
+                    f"{header['batch']}), expected (cycle {cycle.index}, batch {b})"
+                )
+            tensors = self._ready(staged)
+            self._cursor = (cycle.index, b + 1)
+            self._send(P.CREDIT, {"n": 1})
+            self.stats.batches += 1
+            self.stats.samples += self.spec.batch_size
+            self.stats.bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+            yield tensors
+        kind, header = self._take(f"end of cycle {cycle.index}")
+        if kind != P.CYCLE_END:
+            raise ProtocolError(f"{self._where()}: expected end of cycle, got {kind}")
+        cycle.regen_s = float(header["regen_s"])
+        cycle.done = True
+        self._end_cycle()
+
+    def _ready(self, staged: Staged) -> dict[str, torch.Tensor]:
+        return self._stager.ready(staged)
+
+    def _end_cycle(self) -> None:
+        """Release the finished cycle (the original's per-regeneration cleanup)."""
+        if not self.cleanup_each_cycle:
+            return
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.stats.cleanups += 1
+
+
+__all__ = ["Cycle", "FeedClient", "FeedStats"]

@@ -1,0 +1,46 @@
+"""Command line of the reference trainer."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+from common.config import load_config
+from common.env import env_rank
+from common.errors import LensfeedError
+from common.logs import setup_logging
+from trainer.train import run_training
+
+log = logging.getLogger("lensfeed.trainer")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lensfeed train",
+        description="Reference DDP trainer: rank r pulls batches from producer r (feed.endpoint "
+        "with {rank}) and trains a toy model. Run alone for world_size=1, or as "
+        "`torchrun --nproc_per_node N -m trainer --config C world_size=N`.",
+    )
+    p.add_argument("--config", "-c", default=None, help="YAML config (e.g. conf/demo.yaml)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. training.num_cycles=5 training.resume=checkpoints",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging("trainer", rank=env_rank(0))
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except LensfeedError as exc:
+        log.error("%s", exc)
+        return 1
+    return run_training(cfg)
+
+
+__all__ = ["main", "parser"]
