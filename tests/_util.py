@@ -1,0 +1,88 @@
+"""Test helpers: tiny datasets, endpoints, and processes that always get cleaned up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_dataset(
+    path: Path,
+    *,
+    rows: int,
+    seq_len: int = 8,
+    dtype: str = "int32",
+    extra_columns: Sequence[str] = (),
+) -> Path:
+    """A ``save_to_disk`` dataset whose row ``i`` holds tokens ``i*1000 + j`` (easy to check)."""
+    ids = (np.arange(rows)[:, None] * 1000 + np.arange(seq_len)[None, :]).astype(dtype)
+    data = {"input_ids": ids.tolist()}
+    for name in extra_columns:
+        data[name] = np.ones((rows, seq_len), dtype=dtype).tolist()
+    features = datasets.Features({k: datasets.Sequence(datasets.Value(dtype)) for k in data})
+    datasets.Dataset.from_dict(data, features=features).save_to_disk(str(path))
+    return path
+
+
+def ipc_endpoint(tmp_path: Path, name: str = "feed") -> str:
+    """An ``ipc://`` endpoint template under ``tmp_path`` (``{rank}`` is filled in by callers)."""
+    return f"ipc://{tmp_path}/{name}-{{rank}}.sock"
+
+
+def python_cmd(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+class Procs:
+    """Starts subprocesses and guarantees they are gone when the test ends (see ``procs``)."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[str]] = []
+
+    def start(
+        self, cmd: Sequence[str], *, cwd: Path | None = None, **env: str
+    ) -> subprocess.Popen[str]:
+        p = subprocess.Popen(
+            list(cmd),
+            cwd=cwd or REPO,
+            env=child_env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.started.append(p)
+        return p
+
+    def wait(self, p: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str]:
+        """Exit code and combined output; the test fails (not hangs) after ``timeout``."""
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, out
+
+    def cleanup(self) -> None:
+        for p in self.started:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, 9)
+                except ProcessLookupError:
+                    pass
+            try:
+                p.communicate(timeout=10)
+            except Exception:
+                pass
