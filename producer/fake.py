@@ -221,3 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["FakeProducer", "FakeSource", "InjectedError", "main", "parser"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The reference DDP trainer against fake producers: 1 rank in-process, 2 ranks under torchrun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config import DataSpec, load_config
+from producer.fake import FakeProducer
+from tests._util import python_cmd
+from trainer.train import run_training
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def overrides(tmp_path: Path, world_size: int = 1, **extra: object) -> list[str]:
+    base = {
+        "world_size": world_size,
+        "batch_size": 4,
+        "dataset.on_the_fly.samples_per_regeneration_cycle": 20,
+        "feed.endpoint": f"ipc://{tmp_path}/feed-{{rank}}.sock",
+        "feed.timeout_s": 20,
+        "training.collective_timeout_s": 60,
+        "training.num_cycles": 3,
+        "training.progress": "false",
+        "training.log_batches": "true",
+        "training.checkpoint_dir": str(tmp_path / "ckpt"),
+        "training.metrics_path": str(tmp_path / "metrics.jsonl"),
+        "fake.seq_len": 8,
+        "fake.shard_rows": 13,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def records(path: Path, event: str) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in lines if r["event"] == event]
+
+
+def run_in_process(tmp_path: Path, **extra: object) -> tuple[int, Path]:
+    cfg = load_config(None, overrides(tmp_path, **extra))
+    spec = DataSpec.from_config(cfg)
+    with FakeProducer(
+        cfg.endpoint_for(0),
+        spec=spec,
+        tensors={"input_ids": ("int32", (8,))},
+        shard_rows=13,
+    ):
+        code = run_training(cfg)
+    return code, Path(cfg.training.metrics_path)
+
+
+def test_single_rank_in_process(tmp_path):
+    code, metrics = run_in_process(tmp_path)
+    assert code == 0
+    cycles = records(metrics, "cycle")
+    assert [c["cycle"] for c in cycles] == [0, 1, 2]
+    assert all(c["batches"] == 5 for c in cycles)
+    assert [c["total_wraps"] for c in cycles] == [1, 3, 4]  # 20 samples/cycle, 13 rows
+    status = records(metrics, "status")[-1]
+    assert status["training_status"] == "ok"
+    assert status["samples"] == 60
+    assert (tmp_path / "ckpt" / "step_00000015" / "rank0.pt").is_file()
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    full_dir.mkdir()
+    part_dir.mkdir()
+    code, full_metrics = run_in_process(full_dir)
+    assert code == 0
+    code, part_metrics = run_in_process(part_dir, **{"training.max_steps": 7})
+    assert code == 0
+    code, _ = run_in_process(part_dir, **{"training.resume": str(part_dir / "ckpt")})
+    assert code == 0
+    full = [
+        (b["step"], b["cycle"], b["batch"], b["digest"]) for b in records(full_metrics, "batch")
+    ]
+    part = [
+        (b["step"], b["cycle"], b["batch"], b["digest"]) for b in records(part_metrics, "batch")
+    ]
+    assert len(full) == 15
+    assert part == full  # steps 1..7 from the first run, 8..15 from the resumed run
+    assert [b["sample_idx"] for b in records(part_metrics, "batch")][7:] == [
+        b["sample_idx"] for b in records(full_metrics, "batch")
+    ][7:]
+
+
+def test_absent_producer_fails_with_endpoint_in_status(tmp_path):
+    cfg = load_config(None, overrides(tmp_path, **{"feed.timeout_s": 1}))
+    assert run_training(cfg) == 1
+    status = records(Path(cfg.training.metrics_path), "status")[-1]
+    assert status["training_status"] == "error_timeout"
+    assert cfg.endpoint_for(0) in status["message"]
+
+
+def start_fakes(procs, tmp_path: Path, world: int, *fake_args: str, **extra: object) -> list:
+    return [
+        procs.start(
+            python_cmd(
+                "producer.fake",
+                "--rank",
+                str(r),
+                *(fake_args if r == world - 1 else ()),
+                *overrides(tmp_path, world, **extra),
+            )
+        )
+        for r in range(world)
+    ]
+
+
+def torchrun(procs, tmp_path: Path, world: int, **extra: object):
+    return procs.start(
+        python_cmd(
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(world),
+            "-m",
+            "trainer",
+            *overrides(tmp_path, world, **extra),
+        )
+    )
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun(procs, tmp_path):
+    fakes = start_fakes(procs, tmp_path, 2)
+    code, out = procs.wait(torchrun(procs, tmp_path, 2), timeout=100)
+    assert code == 0, out
+    for rank, name in ((0, "metrics.jsonl"), (1, "metrics.rank1.jsonl")):
+        cycles = records(tmp_path / name, "cycle")
+        assert [c["batches"] for c in cycles] == [5, 5, 5]
+        batches = records(tmp_path / name, "batch")
+        # The fake producer's rank r serves rows r*13 .. r*13+12.
+        assert {i for b in batches for i in b["sample_idx"]} <= set(
+            range(rank * 13, rank * 13 + 13)
+        )
+        assert records(tmp_path / name, "status")[-1]["training_status"] == "ok"
+    for f in fakes:  # the trainer's goodbye ends each producer cleanly
+        assert procs.wait(f, timeout=20)[0] == 0
+
+
+@pytest.mark.slow
+def test_producer_error_stops_every_rank(procs, tmp_path):
+    start_fakes(procs, tmp_path, 2, "--error-at-cycle", "1", "--error-code", "empty_shard")
+    code, out = procs.wait(torchrun(procs, tmp_path, 2), timeout=100)
+    assert code != 0
+    message = "fake producer rank 1: injected error at cycle 1"
+    for name in ("metrics.jsonl", "metrics.rank1.jsonl"):
+        status = records(tmp_path / name, "status")[-1]
+        assert status["training_status"] == "error_empty_cache_regen"
+        assert status["failed_rank"] == 1
+        assert message in status["message"]
+        assert status["steps"] == 5  # both ranks finished cycle 0 and stopped together
+    assert out.count(message) >= 2  # logged by both ranks
