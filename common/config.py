@@ -353,9 +353,17 @@ class DataSpec:
         act = cfg.activations
         builder_args = ""
         if act.builder != "tokens":
+            t = act.tiny
+            tiny = (
+                f",tiny=v{t.vocab_size}/d{t.d_model}/l{t.n_layers}/h{t.n_heads}"
+                f"/s{t.max_seq_len}/seed{t.seed}"
+                if act.model == "tiny"
+                else ""
+            )
             builder_args = (
                 f"model={act.model},layer={act.layer},pos=[{act.min_pos},{act.max_pos}),"
-                f"dtype={act.dtype},pairs={act.pairs}"
+                f"dtype={act.dtype},pairs={act.pairs},forward_batch={act.forward_batch_size}"
+                + tiny
             )
         return cls(
             dataset=cfg.dataset.path,

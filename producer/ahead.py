@@ -53,6 +53,9 @@ class Prefetcher:
         self.max_batches = max(1, max_batches)
         self.max_bytes = max_bytes
         self.prepare_ahead = prepare_ahead
+        # Once full, the builder resumes only below this mark: one wake-up per several batches.
+        self._low_water = self.max_batches - max(1, self.max_batches // 4)
+        self._building_paused = False
         self._cv = threading.Condition()
         self._items: deque[Ready] = deque()
         self._ready_batches = 0
@@ -76,6 +79,7 @@ class Prefetcher:
             self._requested = cycle - 1
             self._epoch += 1
             self._failed = False
+            self._building_paused = False
             self._cv.notify_all()
 
     def request(self, cycle: int) -> bool:
@@ -86,21 +90,30 @@ class Prefetcher:
             self._cv.notify_all()
             return ready
 
-    def get(self, timeout: float) -> Ready | None:
-        """Next item in (cycle, batch) order, or None if none is ready within ``timeout``."""
+    def get(self, timeout: float, max_items: int = 1) -> list[Ready]:
+        """Up to ``max_items`` next items in (cycle, batch) order; [] if none within ``timeout``.
+
+        Taking several at once keeps lock traffic off the per-batch path.
+        """
         deadline = time.monotonic() + timeout
         with self._cv:
             while not self._items:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed:
-                    return None
+                    return []
                 self._cv.wait(remaining)
-            item = self._items.popleft()
-            if item.kind == "batch":
-                self._ready_batches -= 1
-                self._ready_bytes -= item.nbytes
-            self._cv.notify_all()
-            return item
+            out = []
+            while self._items and len(out) < max_items:
+                item = self._items.popleft()
+                if item.kind == "batch":
+                    self._ready_batches -= 1
+                    self._ready_bytes -= item.nbytes
+                out.append(item)
+                if item.kind != "batch":  # a cycle boundary: the caller decides what follows
+                    break
+            if self._ready_batches <= self._low_water:
+                self._cv.notify_all()
+            return out
 
     def close(self) -> None:
         with self._cv:
@@ -117,7 +130,11 @@ class Prefetcher:
         if self._gen[0] > limit:
             return False
         if self._ready_batches >= self.max_batches:
+            self._building_paused = True
             return False
+        if self._building_paused and self._ready_batches > self._low_water:
+            return False
+        self._building_paused = False
         return not (self.max_bytes and self._ready_batches and self._ready_bytes >= self.max_bytes)
 
     def _run(self) -> None:

@@ -53,6 +53,21 @@ class TinyCausalLM(nn.Module):
         _check_tiny(cfg)
         self.max_seq_len = cfg.max_seq_len
         self.vocab_size = cfg.vocab_size
+        with torch.random.fork_rng(devices=[]):  # default inits draw from the global RNG
+            self._build(cfg)
+        # Explicit GPT-2-style init from a private generator: independent of torch's default
+        # init functions and of the global RNG, so all ranks and restarts agree.
+        gen = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if p.ndim >= 2:
+                    p.normal_(0.0, 0.02, generator=gen)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:  # norm weights
+                    p.fill_(1.0)
+
+    def _build(self, cfg: TinyModelConfig) -> None:
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(
@@ -69,21 +84,10 @@ class TinyCausalLM(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # Explicit GPT-2-style init from a private generator: independent of torch's default
-        # init functions and of the global RNG, so all ranks and restarts agree.
-        gen = torch.Generator().manual_seed(cfg.seed)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if p.ndim >= 2:
-                    p.normal_(0.0, 0.02, generator=gen)
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:  # norm weights
-                    p.fill_(1.0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``(n, L, vocab)``; hidden states are read with hooks on ``self.blocks``."""
-        n, length = input_ids.shape
+        length = input_ids.shape[1]
         if length > self.max_seq_len:
             raise ValueError(f"sequence length {length} > tiny max_seq_len {self.max_seq_len}")
         positions = torch.arange(length, device=input_ids.device)
@@ -133,8 +137,10 @@ def load_model(
     """
     device = torch.device(device)
     if not spec:
-        raise ConfigError("'activations.model' is empty; use 'tiny', a model directory or "
-                          "'package.module:function'")
+        raise ConfigError(
+            "'activations.model' is empty; use 'tiny', a model directory or "
+            "'package.module:function'"
+        )
     try:
         if spec == "tiny":
             model: nn.Module = TinyCausalLM(tiny)
@@ -175,25 +181,24 @@ def _from_factory(spec: str) -> nn.Module:
                 f"'activations.model' = {spec!r}: module {module_name!r} not found "
                 "(is it on PYTHONPATH?)"
             ) from None
-        raise TransformError(f"model factory {spec!r}: importing {module_name!r} failed: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise TransformError(
+            f"model factory {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     except Exception as exc:
-        raise TransformError(f"model factory {spec!r}: importing {module_name!r} failed: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise TransformError(
+            f"model factory {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ConfigError(
-            f"'activations.model' = {spec!r}: module {module_name!r} has no callable "
-            f"{func_name!r}"
+            f"'activations.model' = {spec!r}: module {module_name!r} has no callable {func_name!r}"
         )
     try:
         model = func()
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:
-        raise TransformError(
-            f"model factory {spec!r} raised {type(exc).__name__}: {exc}"
-        ) from exc
+        raise TransformError(f"model factory {spec!r} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise TransformError(
             f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module"

@@ -110,9 +110,10 @@ class ProducerServer:
             while self._stop is None:
                 can_send = self.peer is not None and self.serving is not None and self.credits > 0
                 if can_send:
-                    item = self.ahead.get(_TICK_S)
-                    if item is not None:
+                    for item in self.ahead.get(_TICK_S, max_items=self.credits + 1):
                         self._emit(item)
+                        if self.peer is None or self._stop is not None:
+                            break
                     timeout_ms = 0
                 else:
                     timeout_ms = int(_TICK_S * 1000)

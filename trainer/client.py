@@ -9,9 +9,14 @@
         ckpt["feed"] = feed.state_dict()         # flat JSON-able cursor
     feed.close()
 
-A background thread owns the socket: it receives up to ``prefetch`` batches ahead (the credits
-the producer was granted) and stages them on the device, so a step only waits when the producer
-falls behind; the time it waited is recorded in :attr:`FeedClient.stats`.
+Prefetching happens in the background without a Python thread: the producer may send up to
+``prefetch`` batches ahead (the credits it was granted), and libzmq's I/O thread receives them
+into its queue while the training step runs. On CUDA the client additionally keeps up to
+``stage_ahead`` received batches in flight to the GPU (pinned staging, copy stream), so the
+host-to-device copy of the next batches overlaps the current step. A step only waits when the
+producer falls behind; the time it waited is recorded in :attr:`FeedClient.stats`. Keeping the
+socket in the consuming thread removes every thread hand-off from the per-batch path (see
+``benchmarks/README.md`` for the measurements that motivated this).
 
 CPU tensors are zero-copy, *read-only* views of the received frames: they stay valid as long as
 you hold them, but clone before writing in place. CUDA tensors are ordinary device memory.
@@ -21,9 +26,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import queue
-import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,8 +47,6 @@ from common.errors import (
 from trainer.device import Staged, Stager
 
 log = logging.getLogger("lensfeed.trainer")
-
-_STOP = b"__stop__"
 
 
 @dataclass
@@ -101,6 +103,7 @@ class FeedClient:
         timeout_s: float = 60.0,
         max_message_bytes: int = 1 << 31,
         cleanup_each_cycle: bool = True,
+        stage_ahead: int | None = None,
     ) -> None:
         if prefetch <= 0:
             raise ValueError(f"prefetch must be positive (got {prefetch})")
@@ -116,11 +119,18 @@ class FeedClient:
         self.welcome: dict[str, Any] = {}
         self._cursor = (0, 0)  # next (cycle, batch) the loop will consume
         self._current: Cycle | None = None
+        #: Batches staged to the device ahead of use (CUDA: overlap H2D with compute; CPU: 0).
+        self.stage_ahead = (
+            stage_ahead if stage_ahead is not None else (2 if self.device.type == "cuda" else 0)
+        )
+        #: Credits are returned in groups to halve the message rate; never more than prefetch.
+        self._credit_group = max(1, prefetch // 4)
+        self._owed = 0
         self._ctx: zmq.Context | None = None
-        self._cmd: zmq.Socket | None = None
-        self._items: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._stager = Stager(self.device, slots=prefetch + 1)
+        self._sock: zmq.Socket | None = None
+        self._items: deque[tuple[str, Any]] = deque()
+        self._staged = 0  # batches in _items
+        self._stager = Stager(self.device, slots=prefetch + self.stage_ahead + 1)
         self._failed: LensfeedError | None = None
 
     # ---------------------------------------------------------------- state
@@ -139,7 +149,7 @@ class FeedClient:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state``; must be called before the first cycle is requested."""
-        if self._thread is not None:
+        if self._sock is not None:
             raise LensfeedError("load_state_dict() must be called before connecting")
         for key, ours in (
             ("fingerprint", self.spec.fingerprint()),
@@ -162,14 +172,15 @@ class FeedClient:
         return f"producer for rank {self.rank} at {self.endpoint}"
 
     def connect(self) -> dict[str, Any]:
-        """Handshake (with the resume cursor) and start the receiver; returns the WELCOME fields."""
-        if self._thread is not None:
+        """Handshake (with the resume cursor); returns the producer's WELCOME fields."""
+        if self._sock is not None:
             return self.welcome
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)  # credits bound what can arrive
         sock.connect(self.endpoint)
+        self._sock = sock
         cycle, batch = self._cursor
         hello = {
             "rank": self.rank,
@@ -181,84 +192,50 @@ class FeedClient:
             "credits": self.prefetch,
         }
         sock.send_multipart(P.encode(P.HELLO, hello))
-        t0 = time.monotonic()
-        if not sock.poll(int(self.timeout_s * 1000)):
-            sock.close()
-            raise ProducerTimeoutError(
-                f"no answer from the {self._where()} within {self.timeout_s:.0f} s; is it "
-                f"running? (start it with: lensfeed produce --rank {self.rank} ...)"
-            )
-        self.stats.wait_s += time.monotonic() - t0
-        try:
-            msg = P.decode(sock.recv_multipart(), max_bytes=self.max_message_bytes)
-        except ProtocolError as exc:
-            sock.close()
-            raise ProtocolError(f"{self._where()}: {exc}") from None
-        if msg.kind == P.ERROR:
-            sock.close()
-            raise RemoteError(msg["code"], f"{self._where()}: {msg['message']}", rank=self.rank)
-        if msg.kind != P.WELCOME or msg["fingerprint"] != self.spec.fingerprint():
-            sock.close()
-            raise ProtocolError(f"{self._where()}: expected welcome, got {msg.header}")
-        self.welcome = dict(msg.header)
-        cmd_addr = f"inproc://lensfeed-cmd-{id(self)}"
-        inner = self._ctx.socket(zmq.PAIR)
-        inner.bind(cmd_addr)
-        self._cmd = self._ctx.socket(zmq.PAIR)
-        self._cmd.connect(cmd_addr)
-        self._thread = threading.Thread(
-            target=self._receive, args=(sock, inner), name=f"lensfeed-recv-{self.rank}", daemon=True
-        )
-        self._thread.start()
+        kind, header = self._take("answer to hello")
+        if kind != P.WELCOME or header["fingerprint"] != self.spec.fingerprint():
+            raise ProtocolError(f"{self._where()}: expected welcome, got {header}")
+        self.welcome = dict(header)
         return self.welcome
 
     def _send(self, kind: str, fields: dict[str, Any]) -> None:
-        assert self._cmd is not None
-        self._cmd.send_multipart(P.encode(kind, fields))
+        assert self._sock is not None
+        self._sock.send_multipart(P.encode(kind, fields))
 
-    def _receive(self, sock: zmq.Socket, cmd: zmq.Socket) -> None:
-        """Receiver thread: forward commands out, decode and stage batches in."""
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(cmd, zmq.POLLIN)
+    def _receive(self, timeout_s: float) -> bool:
+        """Move one message from the socket into ``_items`` (staging batches); False on timeout."""
+        assert self._sock is not None
+        if timeout_s > 0 and not self._sock.poll(int(timeout_s * 1000)):
+            return False
         try:
-            while True:
-                events = dict(poller.poll())
-                if cmd in events:
-                    frames = cmd.recv_multipart()
-                    if frames[0] == _STOP:
-                        return
-                    sock.send_multipart(frames)
-                if sock in events:
-                    frames = sock.recv_multipart(copy=False)
-                    try:
-                        msg = P.decode(frames, max_bytes=self.max_message_bytes)
-                    except ProtocolError as exc:
-                        self._items.put(("fail", ProtocolError(f"{self._where()}: {exc}")))
-                        continue
-                    if msg.kind == P.BATCH:
-                        self._items.put(("batch", (msg.header, self._stager.stage(msg.tensors))))
-                    else:
-                        self._items.put((msg.kind, msg.header))
-        except Exception as exc:  # surfaces in the training loop, never dies silently
-            self._items.put(("fail", LensfeedError(f"{self._where()}: receiver failed: {exc}")))
-        finally:
-            sock.close(linger=1000)  # let a final BYE reach the producer
-            cmd.close(linger=0)
+            frames = self._sock.recv_multipart(
+                flags=0 if timeout_s > 0 else zmq.NOBLOCK, copy=False
+            )
+        except zmq.Again:
+            return False
+        try:
+            msg = P.decode(frames, max_bytes=self.max_message_bytes)
+        except ProtocolError as exc:
+            self._items.append(("fail", ProtocolError(f"{self._where()}: {exc}")))
+            return True
+        if msg.kind == P.BATCH:
+            self._items.append(("batch", (msg.header, self._stager.stage(msg.tensors))))
+            self._staged += 1
+        else:
+            self._items.append((msg.kind, msg.header))
+        return True
 
     def close(self) -> None:
-        """Say goodbye (the producer may exit) and release sockets and the receiver thread."""
-        if self._thread is not None and self._cmd is not None:
+        """Say goodbye (the producer may exit) and release the socket."""
+        if self._sock is not None:
             try:
                 self._send(P.BYE, {})
-                self._cmd.send(_STOP)
             except zmq.ZMQError:
                 pass
-            self._thread.join(timeout=5)
-            self._cmd.close(linger=0)
-        self._thread = None
-        self._cmd = None
+            self._sock.close(linger=1000)  # let the goodbye reach the producer
+            self._sock = None
         self._current = None
+        self._items.clear()
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -272,29 +249,42 @@ class FeedClient:
     # ---------------------------------------------------------------- consuming
 
     def _take(self, what: str) -> tuple[str, Any]:
+        """Next message in order; waits at most ``timeout_s`` (recorded as data wait)."""
         if self._failed is not None:
             raise self._failed
-        t0 = time.monotonic()
-        try:
-            kind, payload = self._items.get(timeout=self.timeout_s)
-        except queue.Empty:
-            self._failed = ProducerTimeoutError(
-                f"no {what} from the {self._where()} within {self.timeout_s:.0f} s"
-            )
-            raise self._failed from None
-        waited = time.monotonic() - t0
-        self.stats.wait_s += waited
-        if self._current is not None:
-            self._current.wait_s += waited
-        if kind == P.ERROR:
+        if not self._items:
+            t0 = time.monotonic()
+            got = self._receive(self.timeout_s)
+            waited = time.monotonic() - t0
+            self.stats.wait_s += waited
+            if self._current is not None:
+                self._current.wait_s += waited
+            if not got:
+                self._failed = ProducerTimeoutError(
+                    f"no {what} from the {self._where()} within {self.timeout_s:g} s"
+                )
+                raise self._failed
+        # Stage what has already arrived, so its device copy overlaps the coming step.
+        while self._staged < self.stage_ahead and self._receive(0):
+            pass
+        kind, payload = self._items.popleft()
+        if kind == "batch":
+            self._staged -= 1
+        elif kind == P.ERROR:
             self._failed = RemoteError(
                 payload["code"], f"{self._where()}: {payload['message']}", rank=self.rank
             )
             raise self._failed
-        if kind == "fail":
+        elif kind == "fail":
             self._failed = payload
             raise payload
         return kind, payload
+
+    def _credit(self, n: int) -> None:
+        self._owed += n
+        if self._owed >= self._credit_group:
+            self._send(P.CREDIT, {"n": self._owed})
+            self._owed = 0
 
     def next_cycle(self) -> Cycle:
         """Ask the producer for the next cycle (this is the regeneration signal) and return it."""
@@ -349,7 +339,7 @@ class FeedClient:
                 )
             tensors = self._ready(staged)
             self._cursor = (cycle.index, b + 1)
-            self._send(P.CREDIT, {"n": 1})
+            self._credit(1)
             self.stats.batches += 1
             self.stats.samples += self.spec.batch_size
             self.stats.bytes += sum(t.numel() * t.element_size() for t in tensors.values())
