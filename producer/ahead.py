@@ -90,25 +90,31 @@ class Prefetcher:
             self._cv.notify_all()
             return ready
 
-    def get(self, timeout: float, max_items: int = 1) -> list[Ready]:
-        """Up to ``max_items`` next items in (cycle, batch) order; [] if none within ``timeout``.
+    def get(self, timeout: float, max_batches: int = 1) -> list[Ready]:
+        """The next items in (cycle, batch) order, holding at most ``max_batches`` batches.
 
-        Taking several at once keeps lock traffic off the per-batch path.
+        Stops after a cycle end or an error (those need no credit, so they come even when
+        ``max_batches`` is 0). Returns [] if nothing fits within ``timeout``. Taking several
+        items at once keeps lock traffic off the per-batch path.
         """
         deadline = time.monotonic() + timeout
         with self._cv:
-            while not self._items:
+            while not self._items or (max_batches == 0 and self._items[0].kind == "batch"):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed:
+                if remaining <= 0 or self._closed or max_batches == 0:
                     return []
                 self._cv.wait(remaining)
-            out = []
-            while self._items and len(out) < max_items:
-                item = self._items.popleft()
+            out: list[Ready] = []
+            batches = 0
+            while self._items:
+                item = self._items[0]
                 if item.kind == "batch":
+                    if batches == max_batches:
+                        break
+                    batches += 1
                     self._ready_batches -= 1
                     self._ready_bytes -= item.nbytes
-                out.append(item)
+                out.append(self._items.popleft())
                 if item.kind != "batch":  # a cycle boundary: the caller decides what follows
                     break
             if self._ready_batches <= self._low_water:

@@ -108,15 +108,17 @@ class ProducerServer:
         last_msg = time.monotonic()
         try:
             while self._stop is None:
-                can_send = self.peer is not None and self.serving is not None and self.credits > 0
-                if can_send:
-                    for item in self.ahead.get(_TICK_S, max_items=self.credits + 1):
+                timeout_ms = int(_TICK_S * 1000)
+                if self.peer is not None and self.serving is not None:
+                    # Without credit only a cycle end or an error may go out: don't wait then.
+                    wait = _TICK_S if self.credits > 0 else 0.0
+                    items = self.ahead.get(wait, max_batches=self.credits)
+                    for item in items:
                         self._emit(item)
                         if self.peer is None or self._stop is not None:
                             break
-                    timeout_ms = 0
-                else:
-                    timeout_ms = int(_TICK_S * 1000)
+                    if items or self.credits > 0:
+                        timeout_ms = 0
                 while self._stop is None and self.sock.poll(timeout_ms):
                     timeout_ms = 0
                     frames = self.sock.recv_multipart(copy=False)

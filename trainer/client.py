@@ -253,6 +253,9 @@ class FeedClient:
         if self._failed is not None:
             raise self._failed
         if not self._items:
+            if self._owed:  # never block while holding back credit the producer may need
+                self._send(P.CREDIT, {"n": self._owed})
+                self._owed = 0
             t0 = time.monotonic()
             got = self._receive(self.timeout_s)
             waited = time.monotonic() - t0
