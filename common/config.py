@@ -172,7 +172,15 @@ class LensfeedConfig:
         return self.feed.endpoint.format(rank=rank)
 
     def bind_for(self, rank: int) -> str:
-        return (self.feed.bind or self.feed.endpoint).format(rank=rank)
+        """Where producer ``rank`` binds: ``feed.bind``, else ``feed.endpoint`` with any tcp
+        host replaced by 127.0.0.1 (loopback unless a bind address is configured)."""
+        if self.feed.bind:
+            return self.feed.bind.format(rank=rank)
+        endpoint = self.endpoint_for(rank)
+        if endpoint.startswith("tcp://"):
+            port = endpoint.rsplit(":", 1)[-1]
+            return f"tcp://127.0.0.1:{port}"
+        return endpoint
 
 
 # --------------------------------------------------------------------------- loading
@@ -190,9 +198,14 @@ def _check_keys(raw: Any, schema: type, prefix: str = "") -> None:
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             known = ", ".join(sorted(fields))
             raise ConfigError(f"unknown config key '{dotted}'{hint} (known here: {known})")
-        ftype = fields[key].type
         sub = _DATACLASS_FIELDS.get((schema, key))
-        if sub is not None and ftype is not None:
+        if sub is not None:
+            if not isinstance(value, Mapping):
+                example = dataclasses.fields(sub)[0].name
+                raise ConfigError(
+                    f"'{dotted}' is a section, not a value (got {value!r}); set its keys, "
+                    f"e.g. {dotted}.{example}=..."
+                )
             _check_keys(value, sub, prefix=f"{dotted}.")
 
 
@@ -269,6 +282,8 @@ def validate(cfg: LensfeedConfig) -> None:
             f"{cfg.training.collective_timeout_s} <= {cfg.feed.timeout_s}), or a slow producer "
             "looks like a dead rank"
         )
+    if cfg.seed < 0:
+        raise ConfigError(f"'seed' must be >= 0 (got {cfg.seed})")
     if cfg.training.max_steps < 0:
         raise ConfigError(f"'training.max_steps' must be >= 0 (got {cfg.training.max_steps})")
     if cfg.batch_size > cfg.cycle_size:
@@ -362,8 +377,7 @@ class DataSpec:
             )
             builder_args = (
                 f"model={act.model},layer={act.layer},pos=[{act.min_pos},{act.max_pos}),"
-                f"dtype={act.dtype},pairs={act.pairs},forward_batch={act.forward_batch_size}"
-                + tiny
+                f"dtype={act.dtype},pairs={act.pairs},forward_batch={act.forward_batch_size}" + tiny
             )
         return cls(
             dataset=cfg.dataset.path,

@@ -35,7 +35,7 @@ WELCOME = "welcome"
 CYCLE_START = "cycle_start"
 BATCH = "batch"
 CYCLE_END = "cycle_end"
-# both directions
+# producer -> trainer: a refusal or failure; ``fatal`` = the session cannot continue
 ERROR = "error"
 
 #: Wire dtype name -> (torch dtype, itemsize). Anything else is rejected.
@@ -123,11 +123,14 @@ def _raw_buffer(x: np.ndarray | torch.Tensor) -> memoryview:
     if isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             raise ProtocolError(f"tensor on {x.device} must be moved to CPU before sending")
-        x = x.contiguous()
+        if x.numel() == 0:
+            return memoryview(b"")
         # numpy has no bfloat16: view the storage as bytes instead.
-        arr = x.view(torch.uint8).numpy() if x.element_size() and x.numel() else x.numpy()
+        arr = x.contiguous().reshape(-1).view(torch.uint8).numpy()
     else:
         arr = np.ascontiguousarray(x)
+        if not arr.dtype.isnative:  # the wire is little-endian native order
+            arr = arr.astype(arr.dtype.newbyteorder("="))
     return memoryview(arr).cast("B") if arr.size else memoryview(b"")
 
 
@@ -172,13 +175,13 @@ def decode_header(frame: Any) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"protocol version mismatch: peer speaks {version!r}, this side speaks "
             f"{PROTOCOL_VERSION}"
         )
     kind = header.get("kind")
-    if kind not in SCHEMA:
+    if not isinstance(kind, str) or kind not in SCHEMA:
         raise ProtocolError(f"unknown message kind {kind!r}")
     for key, types in SCHEMA[kind].items():
         value = header.get(key)
@@ -200,7 +203,7 @@ def _tensor_descr(header: dict[str, Any]) -> list[tuple[str, str, tuple[int, ...
         name, dtype, shape = item
         if not isinstance(name, str) or not name:
             raise ProtocolError(f"tensor name must be a non-empty string, got {name!r}")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ProtocolError(f"tensor '{name}': dtype {dtype!r} not in {sorted(DTYPES)}")
         if (
             not isinstance(shape, list)

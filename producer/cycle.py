@@ -46,10 +46,15 @@ class CycleInfo:
 
     @property
     def wraps(self) -> int:
-        """How many times the cursor went back to row 0 while serving this cycle."""
+        """How many times the cursor went back to row 0 while serving this cycle.
+
+        A wrap happens when a sample is needed and the shard is exhausted, so a cycle that
+        starts exactly at a shard boundary counts the wrap at its first sample.
+        """
         if self.samples == 0:
             return 0
-        return (self.end - 1) // self.shard_rows - self.start // self.shard_rows
+        before = (self.start - 1) // self.shard_rows if self.start > 0 else 0
+        return self.total_wraps - before
 
     @property
     def total_wraps(self) -> int:

@@ -105,6 +105,18 @@ class ProducerServer:
     # ---------------------------------------------------------------- main loop
 
     def serve(self) -> int:
+        try:
+            return self._serve()
+        except Exception as exc:  # tell the trainer before dying, never leave it waiting
+            log.exception("rank %d: producer failed", self.rank)
+            if self.peer is not None:
+                try:
+                    send_error(self.sock, self.peer, exc, fatal=True)
+                except zmq.ZMQError:
+                    pass
+            return 1
+
+    def _serve(self) -> int:
         last_msg = time.monotonic()
         try:
             while self._stop is None:
@@ -174,7 +186,9 @@ class ProducerServer:
     def _handle(self, peer: bytes, frames: list) -> None:
         try:
             msg = P.decode(frames, max_bytes=P.MAX_HEADER_BYTES)
-        except ProtocolError as exc:
+        except Exception as exc:  # garbage from a peer must never take the producer down
+            if not isinstance(exc, ProtocolError):
+                exc = ProtocolError(f"undecodable message ({type(exc).__name__}: {exc})")
             log.warning("rank %d: rejected malformed message: %s", self.rank, exc)
             send_error(self.sock, peer, exc, fatal=False)
             return
@@ -213,6 +227,11 @@ class ProducerServer:
 
     def _hello(self, peer: bytes, msg: P.Message) -> None:
         try:
+            if msg["world_size"] != self.spec.world_size:
+                raise StateMismatchError(
+                    f"trainer world_size {msg['world_size']} vs producer world_size "
+                    f"{self.spec.world_size}"
+                )
             if msg["rank"] != self.rank:
                 raise StateMismatchError(
                     f"trainer rank {msg['rank']} connected to the producer of rank {self.rank}; "

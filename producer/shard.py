@@ -116,12 +116,12 @@ class TokenColumn:
     chunks: list[np.ndarray]
     starts: np.ndarray  # row at which each chunk starts (len = len(chunks))
     row_shape: tuple[int, ...]
-    dtype: np.dtype
+    dtype: np.dtype  # served dtype: uint16/uint32 are widened to int32/int64
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """Rows in the given order, in one vectorised step per chunk (no per-row Python)."""
         if len(self.chunks) == 1:
-            return self.chunks[0].take(rows, axis=0)
+            return self.chunks[0].take(rows, axis=0).astype(self.dtype, copy=False)
         out = np.empty((len(rows), *self.row_shape), dtype=self.dtype)
         which = np.searchsorted(self.starts, rows, side="right") - 1
         for c in np.unique(which):
@@ -130,13 +130,22 @@ class TokenColumn:
         return out
 
 
+#: Unsigned token dtypes the wire (and torch) lack are widened once, deliberately, at gather.
+_WIDEN = {np.dtype("uint16"): np.dtype("int32"), np.dtype("uint32"): np.dtype("int64")}
+
+
 def _column_chunks(
-    col: pa.ChunkedArray, *, name: str, where: str
+    col: pa.ChunkedArray, *, name: str, where: str, first_row: int = 0
 ) -> tuple[list[np.ndarray], tuple[int, ...], np.dtype]:
     """Zero-copy numpy views of a list<int> (or int) column; errors name column and location."""
     t = col.type
     is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
     value_type = t.value_type if is_list else t
+    if pa.types.is_uint64(value_type):
+        raise ShardError(
+            f"{where}: column '{name}' is uint64, which torch cannot hold; store token ids as "
+            "int32 (or int64)"
+        )
     if not pa.types.is_integer(value_type):
         raise ShardError(
             f"{where}: column '{name}' has type {t}; token columns must hold integers "
@@ -144,7 +153,7 @@ def _column_chunks(
         )
     views: list[np.ndarray] = []
     row_shape: tuple[int, ...] | None = None
-    seen = 0
+    seen = first_row  # dataset row of the chunk's first row, for error messages
     for chunk in col.chunks:
         n = len(chunk)
         if n == 0:
@@ -162,9 +171,9 @@ def _column_chunks(
                 if bad.size:
                     r = int(bad[0])
                     raise ShardError(
-                        f"{where}: column '{name}' has ragged sequence lengths (row {seen} has "
-                        f"{length} tokens, row {seen + r} has {int(lengths[r])}); lensfeed serves "
-                        "fixed-length sequences: pack or pad when tokenizing"
+                        f"{where}: column '{name}' has ragged sequence lengths (dataset row "
+                        f"{seen} has {length} tokens, row {seen + r} has {int(lengths[r])}); "
+                        "lensfeed serves fixed-length sequences: pack or pad when tokenizing"
                     )
             flat = chunk.flatten()
             if flat.null_count:
@@ -183,7 +192,8 @@ def _column_chunks(
         views.append(view)
         seen += n
     assert row_shape is not None
-    return views, row_shape, views[0].dtype
+    dtype = views[0].dtype
+    return views, row_shape, _WIDEN.get(dtype, dtype)
 
 
 @dataclass
@@ -208,9 +218,12 @@ class Shard:
 
 def load_shard(path: str | Path, *, rank: int, world_size: int, columns: list[str]) -> Shard:
     """Open ``path`` and slice rank's rows; raise :class:`ShardError` naming path/rank/column."""
-    table, fingerprint = open_table(path)
-    start, end = rank_slice(table.num_rows, rank, world_size)
     where = f"{path} (rank {rank} of {world_size})"
+    try:
+        table, fingerprint = open_table(path)
+    except ShardError as exc:
+        raise ShardError(f"rank {rank} of {world_size}: {exc}") from None
+    start, end = rank_slice(table.num_rows, rank, world_size)
     if end <= start:
         raise EmptyShardError(
             f"{where}: this rank's shard is empty (the dataset has {table.num_rows} rows for "
@@ -222,7 +235,9 @@ def load_shard(path: str | Path, *, rank: int, world_size: int, columns: list[st
     for name in columns:
         if name not in available:
             raise ShardError(f"{where}: column '{name}' not found; available columns: {available}")
-        chunks, row_shape, dtype = _column_chunks(shard_table.column(name), name=name, where=where)
+        chunks, row_shape, dtype = _column_chunks(
+            shard_table.column(name), name=name, where=where, first_row=start
+        )
         lengths = np.array([len(c) for c in chunks])
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         out[name] = TokenColumn(name, chunks, starts, row_shape, dtype)

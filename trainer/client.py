@@ -273,6 +273,9 @@ class FeedClient:
         kind, payload = self._items.popleft()
         if kind == "batch":
             self._staged -= 1
+        elif kind == P.ERROR and not payload["fatal"]:
+            log.warning("%s: %s (%s)", self._where(), payload["message"], payload["code"])
+            return self._take(what)
         elif kind == P.ERROR:
             self._failed = RemoteError(
                 payload["code"], f"{self._where()}: {payload['message']}", rank=self.rank

@@ -1,0 +1,512 @@
+"""``lensfeed demo``: the whole job on one machine, on a dataset made from Python's own source.
+
+1. Creates ``dataset.path`` (``data/demo`` in ``conf/demo.yaml``) if it is missing: the source
+   of a fixed list of standard-library modules, byte-level tokens packed into rows of 128
+   (:func:`prepare_demo_data`; offline and deterministic for a given Python version).
+2. Starts one producer per rank (``python -m producer --config C --rank r``) and a CPU DDP
+   trainer (``python -m torch.distributed.run --standalone --nproc_per_node W -m trainer
+   --config C``), passing the same ``key=value`` overrides to all of them.
+3. Waits for the trainer (rank 0 shows a progress bar), then prints a summary read from the
+   metrics JSONL. Exits non-zero if any process failed; on failure or Ctrl-C every child is
+   stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import common
+from common.errors import LensfeedError
+
+#: Standard-library modules whose source makes up the demo corpus, in this order.
+DEMO_MODULES: tuple[str, ...] = (
+    "argparse",
+    "ast",
+    "calendar",
+    "collections",
+    "contextlib",
+    "dataclasses",
+    "difflib",
+    "enum",
+    "functools",
+    "inspect",
+    "json.decoder",
+    "logging",
+    "pathlib",
+    "random",
+    "shutil",
+    "string",
+    "textwrap",
+    "threading",
+    "typing",
+)
+DEMO_SEQ_LEN = 128
+DEMO_MARKER = "lensfeed_demo.json"
+DEFAULT_CONFIG = "demo.yaml"
+#: Seconds producers get to exit by themselves once the trainer is done.
+_PRODUCER_EXIT_S = 15.0
+#: Seconds the trainer gets to notice a dead producer before it is stopped.
+_TRAINER_GRACE_S = 5.0
+_STOP_S = 10.0
+
+
+def _say(msg: str) -> None:
+    print(f"[lensfeed demo] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def repo_root() -> Path:
+    """The checkout that holds ``conf/`` (the package's parent), else the working directory."""
+    root = Path(common.__file__).resolve().parent.parent
+    return root if (root / "conf").is_dir() else Path.cwd()
+
+
+def conf_dir() -> Path:
+    return repo_root() / "conf"
+
+
+def resolve_config(name: str | None) -> Path:
+    """``--config`` as given, else relative to the repo / its ``conf/`` (default demo.yaml)."""
+    if name is None:
+        name = DEFAULT_CONFIG
+    given = Path(name)
+    candidates = [given]
+    if not given.is_absolute():
+        candidates += [repo_root() / given, conf_dir() / given, Path.cwd() / "conf" / given]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise LensfeedError(f"config file not found: {name} (tried {tried})")
+
+
+# --------------------------------------------------------------------------- demo data
+
+
+def demo_documents(modules: Sequence[str] = DEMO_MODULES) -> Iterator[tuple[str, str]]:
+    """(module, text) for each module whose source ships with this Python."""
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        origin = getattr(spec, "origin", None)
+        if not origin or not origin.endswith(".py") or not Path(origin).is_file():
+            continue  # e.g. a stripped-down Python without sources: skip, the marker says so
+        yield (
+            name,
+            f"# Python {sys.version_info[0]}.{sys.version_info[1]} module {name}\n"
+            + (Path(origin).read_text(encoding="utf-8")),
+        )
+
+
+def _demo_recipe(seq_len: int) -> dict[str, Any]:
+    return {
+        "modules": list(DEMO_MODULES),
+        "seq_len": seq_len,
+        "tokenizer": "bytes",
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+    }
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock beside ``path``: producers in several containers may prepare at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_demo_data(path: str | Path, *, seq_len: int = DEMO_SEQ_LEN) -> dict[str, Any]:
+    """Create the demo dataset at ``path`` unless a dataset is already there; returns its info.
+
+    An existing directory is never touched unless it is an earlier demo dataset made with
+    another recipe (seq_len or Python version), which is rebuilt.
+    """
+    from common.tokenize import INFO_FILE, ByteTokenizer, write_packed
+
+    out = Path(path)
+    with _locked(out):
+        marker = out / DEMO_MARKER
+        recipe = _demo_recipe(seq_len)
+        if out.exists():
+            if not marker.is_file():
+                return {"path": str(out), "created": False, "note": "not a demo dataset"}
+            info = json.loads(marker.read_text())
+            if info.get("recipe") == recipe:
+                return {**info, "path": str(out), "created": False}
+        t0 = time.perf_counter()
+        docs = list(demo_documents())
+        if not docs:
+            raise LensfeedError(
+                "cannot build the demo dataset: this Python ships no standard-library sources"
+            )
+        tok = ByteTokenizer()
+        written = write_packed(
+            (text for _, text in docs),
+            out,
+            tokenizer=tok,
+            seq_len=seq_len,
+            overwrite=True,
+            sources=[name for name, _ in docs],
+            extra={"recipe": recipe},
+        )
+        digest = _rows_digest(out)
+        info = {
+            "recipe": recipe,
+            "modules_found": [name for name, _ in docs],
+            "rows": written.rows,
+            "tokens": written.tokens,
+            "sha256": digest,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        (out / DEMO_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        assert (out / INFO_FILE).is_file()
+        return {**info, "path": str(out), "created": True}
+
+
+def _rows_digest(path: Path) -> str:
+    """sha256 of the dataset's token bytes (proves two builds are identical)."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(path)).with_format("numpy")
+    return hashlib.sha256(ds["input_ids"][:].astype("<i4").tobytes()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def metrics_file(metrics_path: str | Path, rank: int) -> Path:
+    """Rank 0 writes ``metrics_path``, rank r ``<stem>.rank<r><suffix>`` (trainer.train.Metrics)."""
+    p = Path(metrics_path)
+    return p if rank == 0 else p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
+
+
+def _offsets(metrics_path: str, world: int) -> dict[int, int]:
+    out = {}
+    for r in range(world):
+        f = metrics_file(metrics_path, r)
+        out[r] = f.stat().st_size if f.is_file() else 0
+    return out
+
+
+def read_new_records(metrics_path: str, offsets: dict[int, int]) -> dict[int, list[dict]]:
+    """Records each rank appended after ``offsets`` (this run's records only)."""
+    out: dict[int, list[dict]] = {}
+    for r, start in offsets.items():
+        f = metrics_file(metrics_path, r)
+        records: list[dict] = []
+        if f.is_file():
+            with f.open("rb") as fh:
+                fh.seek(start)
+                for line in fh.read().decode("utf-8", "replace").splitlines():
+                    with contextlib.suppress(ValueError):
+                        records.append(json.loads(line))
+        out[r] = records
+    return out
+
+
+@dataclass
+class RankSummary:
+    rank: int
+    status: str = "missing"
+    cycles: int = 0
+    samples: int = 0
+    samples_per_s: float = 0.0
+    wait_share: float = 0.0
+    wraps: int = 0
+    message: str = ""
+
+
+@dataclass
+class Summary:
+    ranks: list[RankSummary] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.ranks) and all(r.status == "ok" for r in self.ranks)
+
+    def table(self) -> str:
+        head = f"{'rank':>4}  {'status':<8} {'cycles':>6} {'samples':>8} {'samples/s':>10} "
+        head += f"{'data wait':>9} {'wraps':>5}"
+        lines = [head]
+        for r in self.ranks:
+            lines.append(
+                f"{r.rank:>4}  {r.status:<8} {r.cycles:>6} {r.samples:>8} "
+                f"{r.samples_per_s:>10.0f} {100 * r.wait_share:>8.1f}% {r.wraps:>5}"
+            )
+        total_s = sum(r.samples for r in self.ranks)
+        total_rate = sum(r.samples_per_s for r in self.ranks)
+        share = max((r.wait_share for r in self.ranks), default=0.0)
+        lines.append(
+            f"{'all':>4}  {'':<8} {max((r.cycles for r in self.ranks), default=0):>6} "
+            f"{total_s:>8} {total_rate:>10.0f} {100 * share:>8.1f}% "
+            f"{sum(r.wraps for r in self.ranks):>5}"
+        )
+        for r in self.ranks:
+            if r.message:
+                lines.append(f"rank {r.rank}: {r.message}")
+        return "\n".join(lines)
+
+
+def summarize(records: dict[int, list[dict]]) -> Summary:
+    """Per-rank summary from the ``cycle`` and final ``status`` records of one run."""
+    summary = Summary()
+    for rank in sorted(records):
+        rs = RankSummary(rank)
+        for rec in records[rank]:
+            if rec.get("event") == "cycle":
+                rs.cycles = max(rs.cycles, int(rec.get("cycle", -1)) + 1)
+                rs.wraps = int(rec.get("total_wraps", rs.wraps))
+            elif rec.get("event") == "status":
+                rs.status = str(rec.get("training_status", "?"))
+                rs.cycles = int(rec.get("cycles", rs.cycles))
+                rs.samples = int(rec.get("samples", 0))
+                rs.samples_per_s = float(rec.get("samples_per_s", 0.0))
+                rs.wait_share = float(rec.get("wait_share", 0.0))
+                if rs.status != "ok":
+                    rs.message = str(rec.get("message", ""))
+        summary.ranks.append(rs)
+    return summary
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # 2 trainer ranks + producers share the cores
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def producer_cmd(config: Path, rank: int, overrides: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "producer", "--config", str(config), "--rank", str(rank)] + list(
+        overrides
+    )
+
+
+def trainer_cmd(config: Path, world: int, overrides: Sequence[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(world),
+        "-m",
+        "trainer",
+        "--config",
+        str(config),
+        *overrides,
+    ]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes of ``pid``, recursively (Linux ``/proc``; empty elsewhere)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            for child in (task / "children").read_text().split():
+                out += [int(child), *_descendants(int(child))]
+    return out
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every child still running (torchrun passes it to its workers), then SIGKILL
+    whatever is left after ``_STOP_S``, the children of a stuck torchrun included."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+    deadline = time.monotonic() + _STOP_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for pid in [*_descendants(p.pid), p.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            p.wait()
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the demo: stop the children like Ctrl-C does."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def run_demo(config: Path, overrides: Sequence[str], *, world: int) -> int:
+    """Start producers and trainer, wait, summarize. Returns the exit code."""
+    from common.config import load_config
+
+    cfg = load_config(config, overrides)
+    offsets = _offsets(cfg.training.metrics_path, world)
+    env = _child_env()
+    producers: list[subprocess.Popen[bytes]] = []
+    trainer: subprocess.Popen[bytes] | None = None
+    t0 = time.perf_counter()
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    failed: list[str] = []
+    try:
+        for r in range(world):
+            producers.append(subprocess.Popen(producer_cmd(config, r, overrides), env=env))
+        _say(f"started {world} producer(s); starting the {world}-rank trainer (torchrun)")
+        trainer = subprocess.Popen(trainer_cmd(config, world, overrides), env=env)
+        dead_since: float | None = None
+        while True:
+            try:
+                code = trainer.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            bad = [(r, p.returncode) for r, p in enumerate(producers) if p.poll() not in (None, 0)]
+            if bad and dead_since is None:
+                dead_since = time.monotonic()
+                r, c = bad[0]
+                _say(f"producer {r} exited with code {c}; waiting for the trainer to stop")
+            if dead_since is not None and time.monotonic() - dead_since > _TRAINER_GRACE_S:
+                _say("stopping the trainer")
+                _stop([trainer])
+                code = trainer.returncode
+                break
+        if code != 0:
+            failed.append(f"trainer exited with code {code}")
+        deadline = time.monotonic() + (_PRODUCER_EXIT_S if code == 0 else 0.5)
+        for r, p in enumerate(producers):
+            try:
+                pc = p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pc = None
+            if pc is None:
+                if code == 0:
+                    failed.append(f"producer {r} did not exit after the trainer said goodbye")
+            elif pc != 0:
+                failed.append(f"producer {r} exited with code {pc}")
+    except (KeyboardInterrupt, _Terminated):
+        _say("interrupted; stopping producers and trainer")
+        _stop(([trainer] if trainer else []) + producers)
+        return 130
+    finally:
+        _stop(([trainer] if trainer else []) + producers)
+        signal.signal(signal.SIGTERM, old)
+    wall = time.perf_counter() - t0
+    summary = summarize(read_new_records(cfg.training.metrics_path, offsets))
+    print(
+        f"\nlensfeed demo: {'ok' if not failed and summary.ok else 'FAILED'} in {wall:.1f} s "
+        f"({world} rank{'' if world == 1 else 's'}, batch {cfg.batch_size}, "
+        f"cycle {cfg.cycle_size} samples, config {config})"
+    )
+    print(summary.table())
+    print(f"metrics: {metrics_file(cfg.training.metrics_path, 0)} (rank r: *.rank<r>.jsonl)")
+    if not summary.ok and not failed:
+        failed.append("the trainer wrote no successful status record")
+    for f in failed:
+        _say(f"FAILED: {f}")
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lensfeed demo",
+        description="Run the whole job locally: create the demo dataset if missing (source of "
+        "Python's standard library as byte tokens), start one producer per rank and a CPU DDP "
+        "trainer, and print a summary. Exits non-zero if any process failed.",
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help="YAML config (default: conf/demo.yaml of this checkout)",
+    )
+    p.add_argument(
+        "--world-size",
+        "-n",
+        type=int,
+        default=None,
+        help="ranks (producers and trainer processes); default: the config's world_size",
+    )
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only create the demo dataset at dataset.path if it is missing, then exit",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=DEMO_SEQ_LEN,
+        help=f"tokens per row of the demo dataset (default {DEMO_SEQ_LEN})",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides passed to producers and trainer, e.g. training.num_cycles=5",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from common.config import load_config
+
+    try:
+        config = resolve_config(args.config)
+        overrides = list(args.overrides)
+        if args.world_size is not None:
+            overrides.append(f"world_size={args.world_size}")
+        cfg = load_config(config, overrides)
+        info = prepare_demo_data(cfg.dataset.path, seq_len=args.seq_len)
+        if info["created"]:
+            _say(
+                f"created {cfg.dataset.path}: {info['rows']} rows x {args.seq_len} byte tokens "
+                f"from {len(info['modules_found'])} standard-library modules "
+                f"({info['seconds']:.1f} s)"
+            )
+        else:
+            _say(f"using the dataset at {cfg.dataset.path}")
+        if args.prepare_only:
+            return 0
+        return run_demo(config, overrides, world=cfg.world_size)
+    except LensfeedError as exc:
+        _say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = [
+    "DEMO_MODULES",
+    "conf_dir",
+    "demo_documents",
+    "main",
+    "parser",
+    "prepare_demo_data",
+    "read_new_records",
+    "resolve_config",
+    "run_demo",
+    "summarize",
+]

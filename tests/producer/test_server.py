@@ -1,0 +1,622 @@
+"""The producer server: protocol behaviour against a raw DEALER (in-process, real server with a
+fake source) and the real ``python -m producer`` process with a FeedClient."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from common import protocol as P
+from common.config import DataSpec, FeedConfig, load_config
+from common.errors import LensfeedError, RemoteError, ShardError
+from producer.cycle import CycleCursor
+from producer.fake import FakeProducer
+from producer.main import build_source, parser, run_producer
+from producer.server import ProducerServer, bind_socket
+from producer.shard import rank_slice
+from tests._util import ipc_endpoint, make_dataset, python_cmd
+from trainer.client import FeedClient
+
+pytestmark = pytest.mark.timeout(90)
+
+#: How long a test waits for something that must arrive (bounded; never a sleep).
+WAIT_S = 20.0
+#: How long a test listens to show that something does *not* arrive.
+QUIET_S = 0.3
+
+
+class RawPeer:
+    """A bare DEALER speaking the protocol by hand, to drive the server message by message."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, kind: str, **fields: Any) -> None:
+        self.sock.send_multipart(P.encode(kind, fields))
+
+    def send_raw(self, *frames: bytes) -> None:
+        self.sock.send_multipart(list(frames))
+
+    def hello(self, ds: DataSpec, *, rank: int = 0, cycle: int = 0, batch: int = 0, **kw: Any):
+        """HELLO for ``ds``; keyword arguments replace any field (e.g. ``spec=...``)."""
+        fields = {
+            "rank": rank,
+            "world_size": ds.world_size,
+            "spec": ds.to_dict(),
+            "fingerprint": ds.fingerprint(),
+            "cycle": cycle,
+            "batch": batch,
+            "credits": 100,
+        }
+        fields.update(kw)
+        self.send(P.HELLO, **fields)
+
+    def recv(self, timeout: float = WAIT_S) -> P.Message:
+        assert self.sock.poll(int(timeout * 1000)), f"nothing received within {timeout} s"
+        return P.decode(self.sock.recv_multipart())
+
+    def expect(self, kind: str, timeout: float = WAIT_S) -> P.Message:
+        msg = self.recv(timeout)
+        assert msg.kind == kind, msg.header
+        return msg
+
+    def quiet(self, timeout: float = QUIET_S) -> bool:
+        return not self.sock.poll(int(timeout * 1000))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+WELCOME_FIELDS: dict[str, Any] = {
+    "rank": 0,
+    "shard_rows": 1,
+    "shard_offset": 0,
+    "fingerprint": "x",
+    "dataset_fingerprint": "y",
+}
+
+
+def small_spec(**over: object) -> DataSpec:
+    base = {
+        "batch_size": 2,
+        "dataset.on_the_fly.samples_per_regeneration_cycle": 7,
+        "training_initial_cache_size_per_rank": 4,
+        "seed": 3,
+    }
+    base.update(over)
+    return DataSpec.from_config(load_config(None, [f"{k}={v}" for k, v in base.items()]))
+
+
+@pytest.fixture
+def spec() -> DataSpec:
+    return small_spec()  # cycle 0: 2 batches, then 3 batches per cycle
+
+
+@pytest.fixture
+def fake(tmp_path: Path, spec: DataSpec):
+    with FakeProducer(f"ipc://{tmp_path}/srv.sock", spec=spec, rank=0, shard_rows=5) as fp:
+        yield fp
+
+
+@pytest.fixture
+def peer(fake: FakeProducer):
+    p = RawPeer(fake.endpoint)
+    yield p
+    p.close()
+
+
+def serve_in_thread(fp: FakeProducer) -> None:
+    """Wait (bounded) until the fake's serve loop returned."""
+    fp._thread.join(WAIT_S)
+    assert not fp._thread.is_alive(), "server did not stop"
+
+
+# --------------------------------------------------------------------------- handshake
+
+
+def test_hello_gets_welcome(peer: RawPeer, spec: DataSpec) -> None:
+    peer.hello(spec)
+    w = peer.expect(P.WELCOME)
+    assert w["rank"] == 0
+    assert w["shard_rows"] == 5
+    assert w["shard_offset"] == 0
+    assert w["fingerprint"] == spec.fingerprint()
+    assert w["dataset_fingerprint"] == "fake-5"
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"batch_size": 4}, "batch_size: 4 vs 2"),
+        ({"seed": 9}, "seed: 9 vs 3"),
+        ({"dataset.on_the_fly.shuffle": "false"}, "shuffle: False vs True"),
+        ({"dataset.path": "other"}, "dataset: 'other' vs 'data/demo'"),
+    ],
+)
+def test_mismatched_spec_is_refused_naming_both_values(
+    peer: RawPeer, change: dict[str, object], needle: str
+) -> None:
+    peer.hello(small_spec(**change))
+    err = peer.expect(P.ERROR)
+    assert err["code"] == "state_mismatch"
+    assert err["fatal"] is True
+    assert "(trainer vs producer)" in err["message"]
+    assert needle in err["message"]
+
+
+def test_same_spec_with_wrong_fingerprint_is_refused(peer: RawPeer, spec: DataSpec) -> None:
+    peer.hello(spec, fingerprint="0000000000000000")
+    err = peer.expect(P.ERROR)
+    assert err["code"] == "state_mismatch"
+    assert f"fingerprint 0000000000000000 vs {spec.fingerprint()}" in err["message"]
+
+
+def test_wrong_rank_is_refused(peer: RawPeer, spec: DataSpec) -> None:
+    peer.hello(spec, rank=1)
+    err = peer.expect(P.ERROR)
+    assert err["code"] == "state_mismatch"
+    assert "trainer rank 1 connected to the producer of rank 0" in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("spec_field", "needle"),
+    [({"batch_size": 2}, "malformed data spec"), ({"columns": 5}, "malformed data spec")],
+)
+def test_malformed_spec_is_a_protocol_error(
+    peer: RawPeer, spec: DataSpec, spec_field: dict[str, Any], needle: str
+) -> None:
+    bad = spec.to_dict() if "columns" in spec_field else {}
+    bad.update(spec_field)
+    peer.hello(spec, spec=bad)
+    err = peer.expect(P.ERROR)
+    assert err["code"] == "protocol"
+    assert needle in err["message"]
+
+
+@pytest.mark.parametrize(("cycle", "batch"), [(-1, 0), (0, 2), (1, 3), (0, -1)])
+def test_invalid_resume_cursor_is_refused(
+    peer: RawPeer, spec: DataSpec, cycle: int, batch: int
+) -> None:
+    peer.hello(spec, cycle=cycle, batch=batch)
+    err = peer.expect(P.ERROR)
+    assert err["code"] == "protocol"
+    assert err["fatal"] is True
+    assert f"cursor (cycle {cycle}, batch {batch}) is invalid" in err["message"]
+
+
+def test_messages_before_hello_are_refused(peer: RawPeer) -> None:
+    for kind, fields in [(P.CREDIT, {"n": 1}), (P.NEXT_CYCLE, {"cycle": 0, "batch": 0})]:
+        peer.send(kind, **fields)
+        err = peer.expect(P.ERROR)
+        assert err["code"] == "protocol"
+        assert err["fatal"] is False
+        assert f"'{kind}' before hello" in err["message"]
+
+
+def test_wrong_version_and_garbage_get_errors_and_serving_goes_on(
+    peer: RawPeer, spec: DataSpec
+) -> None:
+    peer.send_raw(msgpack.packb({"v": 999, "kind": "hello"}))
+    err = peer.expect(P.ERROR)
+    assert (err["code"], err["fatal"]) == ("protocol", False)
+    assert "peer speaks 999" in err["message"]
+    assert "this side speaks 1" in err["message"]
+    peer.send_raw(b"\x00\xffgarbage", b"more")
+    assert peer.expect(P.ERROR)["code"] == "protocol"
+    peer.send(P.WELCOME, **WELCOME_FIELDS)
+    assert "before hello" in peer.expect(P.ERROR)["message"]
+    peer.hello(spec)
+    peer.expect(P.WELCOME)
+    peer.send(P.WELCOME, **WELCOME_FIELDS)
+    assert "unexpected 'welcome' from trainer" in peer.expect(P.ERROR)["message"]
+    peer.send(P.CREDIT, n=-1)
+    assert "negative credit" in peer.expect(P.ERROR)["message"]
+    peer.send(P.NEXT_CYCLE, cycle=0, batch=7)
+    err = peer.expect(P.ERROR)
+    assert err["fatal"] is False
+    assert "batch in [0, 2)" in err["message"]
+    peer.send(P.NEXT_CYCLE, cycle=0, batch=0)
+    assert peer.expect(P.CYCLE_START)["cycle"] == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_unhashable_kind_does_not_kill_the_server(
+    fake: FakeProducer, peer: RawPeer, spec: DataSpec
+) -> None:
+    peer.send_raw(msgpack.packb({"v": 1, "kind": ["hello"]}))
+    peer.hello(spec)
+    # Either an ERROR for the bad message then a WELCOME, or just the WELCOME: the server lives.
+    kinds = [peer.recv(2).kind]
+    if kinds[0] == P.ERROR:
+        kinds.append(peer.recv(2).kind)
+    assert kinds[-1] == P.WELCOME
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_uint16_token_column_is_served_or_reported(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "ds", rows=8, dtype="uint16")
+    over = [
+        "world_size=1",
+        "batch_size=2",
+        f"dataset.path={data}",
+        "dataset.on_the_fly.samples_per_regeneration_cycle=4",
+        f"feed.endpoint=ipc://{tmp_path}/u16.sock",
+    ]
+    cfg = load_config(None, over)
+    spec = DataSpec.from_config(cfg)
+    try:
+        source = build_source(cfg, 0)
+    except ShardError as exc:  # refusing the column up front is fine, if it says why
+        refused = str(exc)
+    else:
+        refused = ""
+    if refused:
+        assert "uint16" in refused
+        return
+    ctx = zmq.Context()
+    sock = bind_socket(ctx, cfg.bind_for(0))
+    server = ProducerServer(source, sock=sock, feed=cfg.feed)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        with FeedClient(cfg.endpoint_for(0), rank=0, spec=spec, timeout_s=3) as feed:
+            try:
+                batches = list(feed.next_cycle())
+            except RemoteError as exc:  # or the trainer is told, not left to time out
+                told = str(exc)
+            else:
+                told = ""
+                assert batches[0]["input_ids"].shape == (2, 8)
+        assert not told or "uint16" in told
+    finally:
+        server.stop()
+        thread.join(WAIT_S)
+        sock.close(linger=0)
+        ctx.term()
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_cycle_start_batches_and_cycle_end(peer: RawPeer, spec: DataSpec) -> None:
+    cursor = CycleCursor(spec, rank=0, shard_rows=5)
+    peer.hello(spec)
+    peer.expect(P.WELCOME)
+    seq = 0
+    for k in range(3):
+        peer.send(P.NEXT_CYCLE, cycle=k, batch=0)
+        start = peer.expect(P.CYCLE_START)
+        info = cursor.info(k)
+        assert start.header == {
+            "v": 1,
+            "kind": P.CYCLE_START,
+            "rank": 0,
+            "cycle": k,
+            "batches": info.batches,
+            "start_batch": 0,
+            "wraps": info.wraps,
+            "total_wraps": info.total_wraps,
+            "shard_pos": info.shard_pos,
+            "shard_rows": 5,
+            "prepared_ahead": start["prepared_ahead"],
+        }
+        assert isinstance(start["prepared_ahead"], bool)
+        for j in range(info.batches):
+            b = peer.expect(P.BATCH)
+            assert (b["rank"], b["cycle"], b["batch"], b["seq"]) == (0, k, j, seq)
+            seq += 1
+            assert b.tensors["sample_idx"].tolist() == cursor.batch_rows(k, j).tolist()
+            assert b.tensors["input_ids"].shape == (2, 32)
+        end = peer.expect(P.CYCLE_END)
+        assert (end["rank"], end["cycle"], end["batches"]) == (0, k, info.batches)
+        assert end["regen_s"] >= 0
+        assert peer.quiet()  # nothing more until the next cycle is asked for
+
+
+def test_credits_bound_what_is_in_flight(peer: RawPeer, spec: DataSpec) -> None:
+    peer.hello(spec, credits=1, cycle=1)  # cycle 1: 3 batches
+    peer.expect(P.WELCOME)
+    peer.send(P.NEXT_CYCLE, cycle=1, batch=0)
+    peer.expect(P.CYCLE_START)
+    assert peer.expect(P.BATCH)["batch"] == 0
+    assert peer.quiet()  # credit spent: the server waits
+    peer.send(P.CREDIT, n=2)
+    assert [peer.expect(P.BATCH)["batch"] for _ in range(2)] == [1, 2]
+    # CYCLE_END (like ERROR) costs no credit and is sent with none left.
+    peer.expect(P.CYCLE_END)
+    peer.send(P.NEXT_CYCLE, cycle=2, batch=0)
+    peer.expect(P.CYCLE_START)
+    assert peer.quiet()  # no credit: no batch of the new cycle either
+    peer.send(P.CREDIT, n=1)
+    assert peer.expect(P.BATCH)["batch"] == 0
+    assert peer.quiet()
+
+
+def test_zero_credits_send_nothing(peer: RawPeer, spec: DataSpec) -> None:
+    peer.hello(spec, credits=0)
+    peer.expect(P.WELCOME)
+    peer.send(P.NEXT_CYCLE, cycle=0, batch=0)
+    peer.expect(P.CYCLE_START)
+    assert peer.quiet()
+    peer.send(P.CREDIT, n=0)
+    assert peer.quiet()
+    peer.send(P.CREDIT, n=1)
+    assert peer.expect(P.BATCH)["batch"] == 0
+
+
+def test_resume_mid_cycle(peer: RawPeer, spec: DataSpec) -> None:
+    cursor = CycleCursor(spec, rank=0, shard_rows=5)
+    peer.hello(spec, cycle=2, batch=1)
+    peer.expect(P.WELCOME)
+    peer.send(P.NEXT_CYCLE, cycle=2, batch=1)
+    start = peer.expect(P.CYCLE_START)
+    assert (start["cycle"], start["batches"], start["start_batch"]) == (2, 3, 1)
+    got = [peer.expect(P.BATCH) for _ in range(2)]
+    assert [b["batch"] for b in got] == [1, 2]
+    assert [b["seq"] for b in got] == [0, 1]  # seq restarts with each session
+    for b in got:
+        assert b.tensors["sample_idx"].tolist() == cursor.batch_rows(2, b["batch"]).tolist()
+    peer.expect(P.CYCLE_END)
+
+
+def test_new_hello_replaces_the_session(fake: FakeProducer, spec: DataSpec) -> None:
+    a, b = RawPeer(fake.endpoint), RawPeer(fake.endpoint)
+    try:
+        a.hello(spec, credits=1)
+        a.expect(P.WELCOME)
+        a.send(P.NEXT_CYCLE, cycle=0, batch=0)
+        a.expect(P.CYCLE_START)
+        first = a.expect(P.BATCH)
+        # A restarted trainer says hello from a new socket with its resume cursor.
+        b.hello(spec, cycle=0, batch=1)
+        b.expect(P.WELCOME)
+        b.send(P.NEXT_CYCLE, cycle=0, batch=1)
+        assert b.expect(P.CYCLE_START)["start_batch"] == 1
+        second = b.expect(P.BATCH)
+        assert (second["batch"], second["seq"]) == (1, 0)
+        assert first["batch"] == 0
+        b.expect(P.CYCLE_END)
+        # The old session is gone.
+        a.send(P.CREDIT, n=1)
+        assert "before hello" in a.expect(P.ERROR)["message"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_next_cycle_out_of_order_restarts_generation(peer: RawPeer, spec: DataSpec) -> None:
+    cursor = CycleCursor(spec, rank=0, shard_rows=5)
+    peer.hello(spec)
+    peer.expect(P.WELCOME)
+    peer.send(P.NEXT_CYCLE, cycle=3, batch=2)  # skip ahead: what was prepared is dropped
+    assert peer.expect(P.CYCLE_START)["start_batch"] == 2
+    b = peer.expect(P.BATCH)
+    assert (b["cycle"], b["batch"]) == (3, 2)
+    assert b.tensors["sample_idx"].tolist() == cursor.batch_rows(3, 2).tolist()
+    peer.expect(P.CYCLE_END)
+
+
+def test_bye_stops_a_producer_that_exits_on_bye(tmp_path: Path, spec: DataSpec) -> None:
+    fp = FakeProducer(f"ipc://{tmp_path}/bye.sock", spec=spec, feed=FeedConfig(exit_on_bye=True))
+    fp.start()
+    peer = RawPeer(fp.endpoint)
+    try:
+        peer.send(P.BYE)  # before hello: refused, and the server keeps going
+        assert "before hello" in peer.expect(P.ERROR)["message"]
+        peer.hello(spec)
+        peer.expect(P.WELCOME)
+        peer.send(P.BYE)
+        serve_in_thread(fp)
+        assert fp.exit_code == 0
+    finally:
+        peer.close()
+        fp.stop()
+
+
+def test_bye_keeps_a_shared_producer_serving(fake: FakeProducer, spec: DataSpec) -> None:
+    with FeedClient(fake.endpoint, rank=0, spec=spec, timeout_s=WAIT_S) as feed:
+        list(feed.next_cycle())
+    with FeedClient(fake.endpoint, rank=0, spec=spec, timeout_s=WAIT_S) as feed:
+        assert len(list(feed.next_cycle())) == 2
+    assert fake._thread.is_alive()
+
+
+def test_idle_timeout_exits_with_code_2(tmp_path: Path, spec: DataSpec) -> None:
+    fp = FakeProducer(
+        f"ipc://{tmp_path}/idle.sock",
+        spec=spec,
+        feed=FeedConfig(idle_timeout_s=0.2, exit_on_bye=False),
+    )
+    fp.start()
+    try:
+        serve_in_thread(fp)
+        assert fp.exit_code == 2
+    finally:
+        fp.stop()
+
+
+def test_tcp_loopback_with_an_ephemeral_port(spec: DataSpec) -> None:
+    with FakeProducer("tcp://127.0.0.1:0", spec=spec, shard_rows=5) as fp:
+        assert fp.endpoint.startswith("tcp://127.0.0.1:")
+        assert not fp.endpoint.endswith(":0")
+        with FeedClient(fp.endpoint, rank=0, spec=spec, timeout_s=WAIT_S) as feed:
+            assert [len(list(c)) for c in feed.cycles(2)] == [2, 3]
+
+
+def test_bind_failure_names_the_endpoint(tmp_path: Path) -> None:
+    ctx = zmq.Context()
+    try:
+        with pytest.raises(
+            LensfeedError, match=r"cannot bind producer endpoint tcp://256\.1\.1\.1"
+        ):
+            bind_socket(ctx, "tcp://256.1.1.1:5555")
+        sock = bind_socket(ctx, f"ipc://{tmp_path}/deep/er/x.sock")  # creates the directory
+        sock.close()
+    finally:
+        ctx.term()
+
+
+def test_rank_outside_world_size_is_refused() -> None:
+    cfg = load_config(None, ["world_size=2", "feed.endpoint=ipc:///tmp/lensfeed-t/{rank}.sock"])
+    with pytest.raises(LensfeedError, match="--rank 2 is outside world_size 2"):
+        run_producer(cfg, 2)
+
+
+def test_help_lists_every_option_in_process() -> None:
+    text = parser().format_help()
+    for action in parser()._actions:
+        for opt in action.option_strings:
+            assert opt in text
+    assert "key=value" in text
+
+
+# --------------------------------------------------------------------------- real process
+
+
+def overrides(data: Path, tmp_path: Path, **extra: object) -> list[str]:
+    base: dict[str, object] = {
+        "world_size": 2,
+        "batch_size": 4,
+        "seed": 3,
+        "dataset.path": data,
+        "dataset.on_the_fly.samples_per_regeneration_cycle": 10,
+        "training_initial_cache_size_per_rank": 12,
+        "feed.endpoint": ipc_endpoint(tmp_path),
+        "feed.timeout_s": 30,
+        "feed.error_linger_s": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.mark.slow
+def test_producer_process_serves_two_cycles(procs, tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "ds", rows=11, seq_len=6)
+    over = overrides(data, tmp_path)
+    cfg = load_config(None, over)
+    spec = DataSpec.from_config(cfg)
+    # The rank comes from $RANK (torchrun's variable) when --rank is not given.
+    p = procs.start(python_cmd("producer", *over), RANK="1")
+    start, end = rank_slice(11, 1, 2)  # rows 6..10
+    cursor = CycleCursor(spec, rank=1, shard_rows=end - start)
+    seen: list[tuple[int, int, list[int]]] = []
+    with FeedClient(cfg.endpoint_for(1), rank=1, spec=spec, timeout_s=30) as feed:
+        for cycle in feed.cycles(2):
+            assert cycle.meta["wraps"] == cursor.info(cycle.index).wraps
+            for j, batch in enumerate(cycle):
+                idx = batch["sample_idx"].tolist()
+                seen.append((cycle.index, j, idx))
+                ids = batch["input_ids"].numpy()
+                assert ids.shape == (4, 6)
+                np.testing.assert_array_equal(ids[:, 0], np.asarray(idx) * 1000)
+        assert feed.welcome["shard_offset"] == start
+        assert feed.welcome["shard_rows"] == end - start
+    expected = [
+        (k, j, (cursor.batch_rows(k, j) + start).tolist())
+        for k in range(2)
+        for j in range(spec.batches_in_cycle(k))
+    ]
+    assert seen == expected
+    assert len(seen) == 3 + 2  # 12 // 4, then 10 // 4
+    code, out = procs.wait(p, timeout=30)  # the client's BYE ends the producer
+    assert code == 0, out
+    assert cfg.endpoint_for(1) in out
+    assert "rank 1/2" in out
+    assert "shard rows 5 (global 6..10)" in out
+    assert "cycle size 10 (first 12)" in out
+    assert "2 batches per cycle" in out
+    assert "wraps the shard" in out  # 5 rows < 12 samples per cycle
+    assert "trainer said goodbye" in out
+    assert "exit 0" in out
+
+
+@pytest.mark.slow
+def test_empty_shard_is_reported_to_the_trainer(procs, tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "ds", rows=1)
+    over = overrides(data, tmp_path)
+    cfg = load_config(None, over)
+    p = procs.start(python_cmd("producer", "--rank", "1", *over))
+    with (
+        FeedClient(
+            cfg.endpoint_for(1), rank=1, spec=DataSpec.from_config(cfg), timeout_s=30
+        ) as feed,
+        pytest.raises(RemoteError) as exc_info,
+    ):
+        feed.connect()
+    err = exc_info.value
+    assert err.code == "empty_shard"
+    assert err.rank == 1
+    msg = str(err)
+    assert str(data) in msg
+    assert "rank 1 of 2" in msg
+    assert "shard is empty" in msg
+    code, out = procs.wait(p, timeout=30)
+    assert code == 1, out
+    assert "shard is empty" in out
+    assert "told trainer" in out
+
+
+@pytest.mark.slow
+def test_producer_process_refuses_bad_peers_and_keeps_serving(procs, tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "ds", rows=8)
+    over = overrides(data, tmp_path, world_size=1)
+    cfg = load_config(None, over)
+    spec = DataSpec.from_config(cfg)
+    endpoint = cfg.endpoint_for(0)
+    p = procs.start(python_cmd("producer", *over))
+    # 1. A client from the future: HELLO with v=999.
+    raw = RawPeer(endpoint)
+    try:
+        hello = {"v": 999, "kind": "hello", "rank": 0, "spec": spec.to_dict(), "credits": 4}
+        raw.send_raw(msgpack.packb(hello))
+        err = raw.expect(P.ERROR, timeout=30)
+        assert err["code"] == "protocol"
+        assert "peer speaks 999" in err["message"]
+        assert "this side speaks 1" in err["message"]
+        # 2. Garbage frames.
+        raw.send_raw(b"\x93\x01\x02", b"\x00" * 10)
+        assert raw.expect(P.ERROR)["code"] == "protocol"
+    finally:
+        raw.close()
+    # 3. Clients whose config differs: the error names both values.
+    for change, needle in [("batch_size=2", "batch_size: 2 vs 4"), ("seed=8", "seed: 8 vs 3")]:
+        other = DataSpec.from_config(load_config(None, [*over, change]))
+        with (
+            FeedClient(endpoint, rank=0, spec=other, timeout_s=30) as bad,
+            pytest.raises(RemoteError) as exc_info,
+        ):
+            bad.connect()
+        assert exc_info.value.code == "state_mismatch"
+        assert needle in str(exc_info.value)
+    # 4. A proper client is still served.
+    with FeedClient(endpoint, rank=0, spec=spec, timeout_s=30) as feed:
+        cycle = feed.next_cycle()
+        idx = [b["sample_idx"].tolist() for b in cycle]
+    cursor = CycleCursor(spec, rank=0, shard_rows=8)
+    assert idx == [cursor.batch_rows(0, j).tolist() for j in range(3)]
+    code, out = procs.wait(p, timeout=30)
+    assert code == 0, out
+    assert "rejected malformed message" in out
+    assert "refused trainer" in out
+
+
+@pytest.mark.slow
+def test_producer_help_mentions_every_option(procs) -> None:
+    p = procs.start(python_cmd("producer", "--help"))
+    code, out = procs.wait(p, timeout=60)
+    assert code == 0, out
+    for opt in ["--config", "-c", "--rank", "--cpus", "key=value", "$RANK", "-h", "--help"]:
+        assert opt in out
+    for action in parser()._actions:
+        for opt in action.option_strings:
+            assert opt in out
