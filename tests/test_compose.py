@@ -1,0 +1,192 @@
+"""docker-compose.yml: its structure, and its services' commands run here as local processes.
+
+Compose is emulated just enough to run the real commands: ``${VAR:-default}`` interpolation,
+``$$`` escapes, the service's ``environment``, and paths inside the container mapped into
+``tmp_path`` (``/app`` = working directory, ``/run/lensfeed`` = the shared ipc volume).
+``docker-compose config`` itself is checked where the tool is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests._util import REPO, Procs
+
+BASE = REPO / "docker-compose.yml"
+CPU = REPO / "docker-compose.cpu.yml"
+_VAR = re.compile(r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\})")
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose-file interpolation: ``${X}``, ``${X:-d}``, ``${X-d}``; ``$$`` -> ``$``."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group("braced"), m.group("default")
+        got = env.get(name)
+        return got if got else (default or "")
+
+    return _VAR.sub(sub, value)
+
+
+def load(path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    return interpolate(yaml.safe_load(path.read_text()), env or {})
+
+
+def test_compose_file_structure() -> None:
+    raw = yaml.safe_load(BASE.read_text())
+    assert raw["version"] in ("2.4", "3.8")
+    assert "include" not in raw
+    cfg = load(BASE)
+    services = cfg["services"]
+    world = int(services["trainer"]["environment"]["LENSFEED_WORLD_SIZE"])
+    producers = sorted(s for s in services if s.startswith("producer-"))
+    assert producers == [f"producer-{r}" for r in range(world)]
+    for name, svc in services.items():
+        assert "develop" not in svc
+        assert svc["init"] is True, name
+        assert svc["runtime"] == "nvidia", name  # GPUs by default
+        assert svc["environment"]["LENSFEED_CONFIG"] == "conf/demo.yaml"
+        assert "ipc:/run/lensfeed" in svc["volumes"]
+        assert "data:/app/data" in svc["volumes"]
+    for r, name in enumerate(producers):
+        svc = services[name]
+        assert svc["environment"]["LENSFEED_RANK"] == str(r)
+        assert "test -S /run/lensfeed/rank$LENSFEED_RANK.sock" in svc["healthcheck"]["test"]
+    deps = services["trainer"]["depends_on"]
+    assert deps == {p: {"condition": "service_healthy"} for p in producers}
+    assert "torchrun" in services["trainer"]["command"][-1]
+    assert set(cfg["volumes"]) == {"data", "runs", "ipc"}
+
+    base_image = services["trainer"]["build"]["args"]["BASE_IMAGE"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert f"ARG BASE_IMAGE={base_image}\nFROM ${{BASE_IMAGE}}" in dockerfile
+
+    cpu = yaml.safe_load(CPU.read_text())
+    assert cpu["version"] == raw["version"]
+    assert {n: s["runtime"] for n, s in cpu["services"].items()} == dict.fromkeys(services, "runc")
+
+
+def _shims(bin_dir: Path) -> None:
+    """``lensfeed`` and ``torchrun`` for this interpreter (the image has both on PATH)."""
+    bin_dir.mkdir()
+    for name, module in (("lensfeed", "common.cli"), ("torchrun", "torch.distributed.run")):
+        shim = bin_dir / name
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
+        shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+
+
+def _local(value: Any, app: Path, ipc: Path) -> Any:
+    """Map container paths to local ones in a command or environment."""
+    if isinstance(value, list):
+        return [_local(v, app, ipc) for v in value]
+    if isinstance(value, dict):
+        return {k: _local(v, app, ipc) for k, v in value.items()}
+    return str(value).replace("/run/lensfeed", str(ipc)).replace("/app", str(app))
+
+
+def _lines(p: subprocess.Popen[str]) -> queue.Queue[str]:
+    q: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            q.put(line)
+        q.put("")
+
+    threading.Thread(target=pump, daemon=True).start()
+    return q
+
+
+def _wait_for(q: queue.Queue[str], text: str, timeout: float) -> str:
+    deadline, seen = time.monotonic() + timeout, []
+    while True:
+        line = q.get(timeout=max(0.1, deadline - time.monotonic()))
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+        if line == "":
+            raise AssertionError(f"process ended before {text!r}:\n{''.join(seen)}")
+
+
+@pytest.mark.slow
+def test_services_run_as_local_processes(tmp_path: Path, procs: Procs) -> None:
+    app, ipc, bin_dir = tmp_path / "app", tmp_path / "ipc", tmp_path / "bin"
+    app.mkdir()
+    shutil.copytree(REPO / "conf", app / "conf")
+    _shims(bin_dir)
+    host_env = {
+        # short cycles; everything else is the stack's defaults
+        "LENSFEED_OVERRIDES": "dataset.on_the_fly.samples_per_regeneration_cycle=256 "
+        "training.num_cycles=2 training.progress=false",
+    }
+    services = load(BASE, host_env)["services"]
+
+    def start(name: str) -> subprocess.Popen[str]:
+        svc = services[name]
+        env = {k: str(v) for k, v in _local(svc["environment"], app, ipc).items()}
+        env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+        cwd = Path(_local(svc["working_dir"], app, ipc))
+        return procs.start(_local(svc["command"], app, ipc), cwd=cwd, **env)
+
+    producers = sorted(s for s in services if s.startswith("producer-"))
+    running = {name: start(name) for name in producers}
+    for name, p in running.items():
+        _wait_for(_lines(p), "serving", timeout=90)
+        # depends_on: service_healthy -> the healthcheck must pass now
+        test = _local(services[name]["healthcheck"]["test"], app, ipc)
+        assert test[0] == "CMD-SHELL"
+        env = {**os.environ, "LENSFEED_RANK": services[name]["environment"]["LENSFEED_RANK"]}
+        assert subprocess.run(["sh", "-c", test[1]], env=env, timeout=10).returncode == 0
+
+    trainer = start("trainer")
+    code, out = procs.wait(trainer, timeout=120)
+    assert code == 0, out
+    metrics = (app / "runs" / "demo" / "metrics.jsonl").read_text()
+    assert '"training_status": "ok"' in metrics
+    assert all(p.poll() is None for p in running.values())  # still serving (exit_on_bye=false)
+
+
+def _compose_tools() -> list[list[str]]:
+    tools = []
+    if shutil.which("docker-compose"):
+        tools.append(["docker-compose"])
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            tools.append(["docker", "compose"])
+    return tools
+
+
+@pytest.mark.parametrize("files", [[BASE], [BASE, CPU]], ids=["gpu", "cpu"])
+def test_compose_config_is_valid(files: list[Path]) -> None:
+    tools = _compose_tools()
+    if not tools:
+        pytest.skip("neither docker-compose nor docker compose is installed")
+    for tool in tools:
+        args = [a for f in files for a in ("-f", str(f))]
+        out = subprocess.run(
+            [*tool, *args, "config", "-q"], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, f"{' '.join(tool)}: {out.stderr}"
