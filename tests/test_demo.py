@@ -15,18 +15,20 @@ import datasets
 import pytest
 
 from common import demo as D
+from common import demo_data as DD
 from common.config import load_config
+from common.metrics import metrics_file
 from producer.shard import load_shard
 from tests._util import REPO, Procs, python_cmd
 
 
 def test_demo_data_is_small_real_and_deterministic(tmp_path: Path) -> None:
-    a = D.prepare_demo_data(tmp_path / "a")
-    b = D.prepare_demo_data(tmp_path / "b")
+    a = DD.prepare_demo_data(tmp_path / "a")
+    b = DD.prepare_demo_data(tmp_path / "b")
     assert a["created"]
     assert b["created"]
     assert a["sha256"] == b["sha256"]
-    assert a["modules_found"] == list(D.DEMO_MODULES)
+    assert a["modules_found"] == list(DD.DEMO_MODULES)
     size = sum(f.stat().st_size for f in (tmp_path / "a").iterdir())
     assert 300_000 < size < 8_000_000
     ds = datasets.load_from_disk(str(tmp_path / "a"))
@@ -34,12 +36,12 @@ def test_demo_data_is_small_real_and_deterministic(tmp_path: Path) -> None:
     row = bytes(ds.with_format("numpy")["input_ids"][0].astype("uint8").tolist())
     assert row.startswith(b"# Python 3.")  # byte tokens of real text
     shard = load_shard(tmp_path / "a", rank=0, world_size=2, columns=["input_ids"])
-    assert shard.columns["input_ids"].row_shape == (D.DEMO_SEQ_LEN,)
+    assert shard.columns["input_ids"].row_shape == (DD.DEMO_SEQ_LEN,)
 
-    again = D.prepare_demo_data(tmp_path / "a")
+    again = DD.prepare_demo_data(tmp_path / "a")
     assert not again["created"]
     assert again["sha256"] == a["sha256"]
-    rebuilt = D.prepare_demo_data(tmp_path / "a", seq_len=64)
+    rebuilt = DD.prepare_demo_data(tmp_path / "a", seq_len=64)
     assert rebuilt["created"]
     assert rebuilt["rows"] > a["rows"]
 
@@ -48,7 +50,7 @@ def test_prepare_never_touches_other_data(tmp_path: Path) -> None:
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "keep.txt").write_text("x")
-    info = D.prepare_demo_data(mine)
+    info = DD.prepare_demo_data(mine)
     assert not info["created"]
     assert [p.name for p in mine.iterdir()] == ["keep.txt"]
 
@@ -67,7 +69,7 @@ def test_config_is_found_from_any_directory(
 def test_prepare_only_and_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert D.main(["--prepare-only"]) == 0
-    assert (tmp_path / "data" / "demo" / D.DEMO_MARKER).is_file()
+    assert (tmp_path / "data" / "demo" / DD.DEMO_MARKER).is_file()
     assert D.main(["--prepare-only", "batch_sise=3"]) == 1  # unknown key: nothing started
 
 
@@ -91,7 +93,7 @@ def test_summary_reads_only_this_runs_records(tmp_path: Path) -> None:
         1: [{"event": "status", "training_status": "error_empty_cache_regen", "message": "m"}],
     }
     for rank, lines in recs.items():
-        with D.metrics_file(path, rank).open("a") as f:
+        with metrics_file(path, rank).open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in lines)
     s = D.summarize(D.read_new_records(str(path), offsets))
     assert [r.status for r in s.ranks] == ["ok", "error_empty_cache_regen"]
@@ -131,12 +133,12 @@ def test_demo_runs_the_whole_job(tmp_path: Path, procs: Procs) -> None:
     code, out = procs.wait(p, timeout=100)
     assert code == 0, out
     assert "lensfeed demo: ok" in out
-    assert (tmp_path / "data" / "demo" / D.DEMO_MARKER).is_file()
+    assert (tmp_path / "data" / "demo" / DD.DEMO_MARKER).is_file()
     cfg = load_config(REPO / "conf" / "demo.yaml", _FAST)
     status = [
         json.loads(line)
         for r in range(2)
-        for line in D.metrics_file(tmp_path / cfg.training.metrics_path, r).read_text().splitlines()
+        for line in metrics_file(tmp_path / cfg.training.metrics_path, r).read_text().splitlines()
     ]
     assert {s["training_status"] for s in status if s["event"] == "status"} == {"ok"}
     table = out[out.index("rank  status") :]

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from common.config import DataSpec, LensfeedConfig
 from common.env import env_local_rank
 from common.errors import ConfigError, LensfeedError, RankFailedError
+from common.metrics import metrics_file
 from trainer import checkpoint
 from trainer.client import FeedClient
 from trainer.device import resolve_device
@@ -43,9 +43,7 @@ class Metrics:
     """Append-only JSONL metrics; rank 0 writes ``metrics_path``, rank r ``<stem>.rank<r>``."""
 
     def __init__(self, path: str, rank: int) -> None:
-        p = Path(path)
-        if rank:
-            p = p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
+        p = metrics_file(path, rank)
         p.parent.mkdir(parents=True, exist_ok=True)
         self.path = p
         self.rank = rank
