@@ -7,6 +7,7 @@ config otherwise silently falls back to a default and costs a day of GPU time.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import hashlib
@@ -218,6 +219,17 @@ _DATACLASS_FIELDS: dict[tuple[type, str], type] = {
     (DatasetConfig, "on_the_fly"): OnTheFlyConfig,
     (ActivationsConfig, "tiny"): TinyModelConfig,
 }
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, example: str) -> None:
+    """``--config`` and trailing ``key=value`` overrides: the same on every entry point."""
+    parser.add_argument("--config", "-c", default=None, help="YAML config (e.g. conf/demo.yaml)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help=f"config overrides in dotted form, e.g. {example}",
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> LensfeedConfig:
@@ -436,6 +448,7 @@ __all__ = [
     "ActivationsConfig",
     "DataSpec",
     "DatasetConfig",
+    "add_config_arguments",
     "FakeConfig",
     "FeedConfig",
     "LensfeedConfig",

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import zmq
 
-from common.config import DataSpec, FeedConfig, load_config
+from common.config import DataSpec, FeedConfig, add_config_arguments, load_config
 from common.env import env_rank
 from common.errors import LensfeedError
 from common.logs import setup_logging
@@ -173,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
         description="Serve synthetic, deterministic batches over the lensfeed protocol "
         "(no dataset). Shapes come from the config's fake.* keys unless --tensor is given.",
     )
-    p.add_argument("--config", "-c", default=None, help="YAML config the trainer also uses")
+    add_config_arguments(p, example="fake.seq_len=128 batch_size=64")
     p.add_argument("--rank", type=int, default=None, help="rank (default $RANK or 0)")
     p.add_argument(
         "--tensor",
@@ -185,7 +185,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--error-at-cycle", type=int, default=None, help="fail when cycle K starts")
     p.add_argument("--error-code", default="empty_shard", help="code of the injected error")
     p.add_argument("--delay-s", type=float, default=0.0, help="seconds to sleep per batch")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
 

@@ -10,7 +10,13 @@ from collections.abc import Sequence
 
 import zmq
 
-from common.config import DataSpec, LensfeedConfig, load_config, shard_size_warnings
+from common.config import (
+    DataSpec,
+    LensfeedConfig,
+    add_config_arguments,
+    load_config,
+    shard_size_warnings,
+)
 from common.env import env_rank
 from common.errors import LensfeedError
 from common.logs import setup_logging
@@ -101,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
         "Each cycle regenerates the next samples_per_regeneration_cycle samples of the rank's "
         "shard (wrapping at its end) and streams them as batches to the trainer rank.",
     )
-    p.add_argument("--config", "-c", default=None, help="YAML config (e.g. conf/demo.yaml)")
+    add_config_arguments(p, example="batch_size=64 dataset.path=/data/corpus")
     p.add_argument(
         "--rank",
         type=int,
@@ -112,12 +118,6 @@ def parser() -> argparse.ArgumentParser:
         "--cpus",
         default="",
         help="comma-separated CPU ids to pin this process to (e.g. 0,1)",
-    )
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides in dotted form, e.g. batch_size=64 dataset.path=/data/corpus",
     )
     return p
 

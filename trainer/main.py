@@ -6,7 +6,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from common.config import load_config
+from common.config import add_config_arguments, load_config
 from common.env import env_rank
 from common.errors import LensfeedError
 from common.logs import setup_logging
@@ -22,13 +22,7 @@ def parser() -> argparse.ArgumentParser:
         "with {rank}) and trains a toy model. Run alone for world_size=1, or as "
         "`torchrun --nproc_per_node N -m trainer --config C world_size=N`.",
     )
-    p.add_argument("--config", "-c", default=None, help="YAML config (e.g. conf/demo.yaml)")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, e.g. training.num_cycles=5 training.resume=checkpoints",
-    )
+    add_config_arguments(p, example="training.num_cycles=5 training.resume=checkpoints")
     return p
 
 
