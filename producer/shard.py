@@ -36,16 +36,21 @@ def rank_slice(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + div + (1 if rank < mod else 0)
 
 
-def _read_arrow_file(path: Path) -> pa.Table:
-    """Memory-map one Arrow IPC file: stream format (``save_to_disk``) or file format."""
+def _read_arrow_file(path: Path) -> tuple[pa.Table, pa.Buffer]:
+    """Memory-map one Arrow IPC file: stream format (``save_to_disk``) or file format.
+
+    Returns the table and a zero-copy buffer of the whole mapping (the region every column
+    buffer of the table points into), which lets a gather span record batches in one step.
+    """
     try:
         source = pa.memory_map(str(path), "r")
+        region = source.read_buffer(source.size())
     except (OSError, pa.ArrowException) as exc:
         raise ShardError(f"cannot open {path}: {exc}") from None
     for opener in (pa.ipc.open_stream, pa.ipc.open_file):
         try:
             source.seek(0)
-            return opener(source).read_all()
+            return opener(source).read_all(), region
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError):
             continue
     raise ShardError(f"{path} is not a valid Arrow IPC file (corrupt or wrong format)")
@@ -87,13 +92,23 @@ def _dataset_files(path: Path) -> list[Path]:
     return files
 
 
-def open_table(path: str | Path) -> tuple[pa.Table, str]:
-    """Memory-map the whole dataset as one (chunked) table; returns it and a content fingerprint."""
+def open_table(path: str | Path) -> tuple[pa.Table, str, list[pa.Buffer]]:
+    """Memory-map the whole dataset as one (chunked) table.
+
+    Returns the table, a content fingerprint, and the mapped regions of its Arrow files.
+    Parquet must be decoded, so a Parquet dataset lives in memory (one contiguous copy).
+    """
     p = Path(path)
     files = _dataset_files(p)
-    tables = [
-        _read_parquet(f) if f.suffix in _PARQUET_SUFFIXES else _read_arrow_file(f) for f in files
-    ]
+    tables: list[pa.Table] = []
+    regions: list[pa.Buffer] = []
+    for f in files:
+        if f.suffix in _PARQUET_SUFFIXES:
+            tables.append(_read_parquet(f).combine_chunks())
+        else:
+            table, region = _read_arrow_file(f)
+            tables.append(table)
+            regions.append(region)
     try:
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     except pa.ArrowInvalid as exc:
@@ -105,29 +120,81 @@ def open_table(path: str | Path) -> tuple[pa.Table, str]:
     for f in files:
         h.update(f"{f.name}:{f.stat().st_size};".encode())
     h.update(f"{table.num_rows};{table.schema}".encode())
-    return table, h.hexdigest()[:16]
+    return table, h.hexdigest()[:16], regions
 
 
 @dataclass
 class TokenColumn:
-    """One integer column of the shard as a list of zero-copy ``(rows, seq_len)`` chunk views."""
+    """One integer column of the shard: zero-copy ``(rows, seq_len)`` views, one per chunk.
+
+    ``save_to_disk`` writes a record batch (an Arrow chunk) every 1,000 rows, so a shuffled
+    batch touches as many chunks as it has rows. Looping over chunks would make gathering
+    cost one numpy call per row; instead each chunk is located inside its file's memory
+    mapping (a *region*), and a sliding-window view of the region turns "row r of chunk c" into
+    one element offset. A batch is then a single fancy-index over that view, whatever the
+    number of chunks, still without copying the dataset.
+    """
 
     name: str
     chunks: list[np.ndarray]
     starts: np.ndarray  # row at which each chunk starts (len = len(chunks))
     row_shape: tuple[int, ...]
     dtype: np.dtype  # served dtype: uint16/uint32 are widened to int32/int64
+    regions: list[pa.Buffer] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._row_len = int(np.prod(self.row_shape, dtype=np.int64)) if self.row_shape else 1
+        self._windows: list[np.ndarray] = []
+        region_of: list[int] = []
+        elem0: list[int] = []
+        located: dict[int, int] = {}  # index in self.regions -> index in self._windows
+        for chunk in self.chunks:
+            addr = chunk.__array_interface__["data"][0]
+            item = chunk.dtype.itemsize
+            hit = None
+            for i, reg in enumerate(self.regions):
+                off = addr - reg.address
+                if 0 <= off < reg.size and off % item == 0:
+                    hit = i
+                    break
+            if hit is None:  # not inside a known mapping (e.g. decoded Parquet): its own region
+                flat = chunk.reshape(-1)
+                region_of.append(len(self._windows))
+                elem0.append(0)
+                self._windows.append(self._window(flat))
+                continue
+            if hit not in located:
+                reg = self.regions[hit]
+                flat = np.frombuffer(reg, dtype=chunk.dtype, count=reg.size // item)
+                located[hit] = len(self._windows)
+                self._windows.append(self._window(flat))
+            region_of.append(located[hit])
+            elem0.append((addr - self.regions[hit].address) // item)
+        self._region_of = np.asarray(region_of, dtype=np.int64)
+        self._elem0 = np.asarray(elem0, dtype=np.int64)
+
+    def _window(self, flat: np.ndarray) -> np.ndarray:
+        if not self.row_shape:
+            return flat
+        # Row starting at element e = win[e]; a read-only view, nothing is copied.
+        return np.lib.stride_tricks.sliding_window_view(flat, self._row_len)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """Rows in the given order, in one vectorised step per chunk (no per-row Python)."""
+        """Rows in the given order, in one vectorised step (no per-row or per-chunk Python)."""
         if len(self.chunks) == 1:
-            return self.chunks[0].take(rows, axis=0).astype(self.dtype, copy=False)
-        out = np.empty((len(rows), *self.row_shape), dtype=self.dtype)
-        which = np.searchsorted(self.starts, rows, side="right") - 1
-        for c in np.unique(which):
-            mask = which == c
-            out[mask] = self.chunks[c].take(rows[mask] - self.starts[c], axis=0)
-        return out
+            which = np.zeros(len(rows), dtype=np.int64)
+        else:
+            which = np.searchsorted(self.starts, rows, side="right") - 1
+        el = self._elem0[which] + (rows - self.starts[which]) * self._row_len
+        if len(self._windows) == 1:
+            out = self._windows[0][el]
+        else:
+            out = np.empty((len(rows), self._row_len), dtype=self.chunks[0].dtype)
+            reg = self._region_of[which]
+            for r in np.unique(reg):
+                mask = reg == r
+                out[mask] = self._windows[r][el[mask]].reshape(-1, self._row_len)
+        return out.reshape(len(rows), *self.row_shape).astype(self.dtype, copy=False)
 
 
 #: Unsigned token dtypes the wire (and torch) lack are widened once, deliberately, at gather.
@@ -220,7 +287,7 @@ def load_shard(path: str | Path, *, rank: int, world_size: int, columns: list[st
     """Open ``path`` and slice rank's rows; raise :class:`ShardError` naming path/rank/column."""
     where = f"{path} (rank {rank} of {world_size})"
     try:
-        table, fingerprint = open_table(path)
+        table, fingerprint, regions = open_table(path)
     except ShardError as exc:
         raise ShardError(f"rank {rank} of {world_size}: {exc}") from None
     start, end = rank_slice(table.num_rows, rank, world_size)
@@ -240,7 +307,7 @@ def load_shard(path: str | Path, *, rank: int, world_size: int, columns: list[st
         )
         lengths = np.array([len(c) for c in chunks])
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        out[name] = TokenColumn(name, chunks, starts, row_shape, dtype)
+        out[name] = TokenColumn(name, chunks, starts, row_shape, dtype, regions)
     return Shard(
         path=str(path),
         rank=rank,

@@ -132,6 +132,7 @@ class FeedClient:
         self._staged = 0  # batches in _items
         self._stager = Stager(self.device, slots=prefetch + self.stage_ahead + 1)
         self._failed: LensfeedError | None = None
+        self._gc_frozen = False
 
     # ---------------------------------------------------------------- state
 
@@ -365,6 +366,13 @@ class FeedClient:
         if not self.cleanup_each_cycle:
             return
         gc.collect()
+        if not self._gc_frozen:
+            # A full collection rescans every live object: ~140 ms per cycle boundary once torch
+            # is imported. Objects that survive the first one (modules, model, optimizer) are
+            # moved to the permanent generation, so later collections scan only what training
+            # allocated since and the boundary costs ~1 ms (see benchmarks/README.md).
+            gc.freeze()
+            self._gc_frozen = True
         torch.cuda.empty_cache()  # a no-op unless CUDA was initialised
         self.stats.cleanups += 1
 

@@ -178,7 +178,7 @@ FORMATS = {
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_every_format_serves_the_same_rows(tmp_path: Path, fmt: str) -> None:
     path = FORMATS[fmt](tmp_path)
-    table, fingerprint = open_table(path)
+    table, fingerprint, _ = open_table(path)
     assert table.num_rows == 11
     assert len(fingerprint) == 16
     for world in (1, 2, 3):
@@ -510,7 +510,7 @@ def test_nulls_outside_this_rank_do_not_matter(tmp_path: Path) -> None:
 
 def test_dataset_fingerprint_tracks_content(tmp_path: Path) -> None:
     a = write_stream(tmp_path / "a.arrow", token_table(0, 10))
-    _, fa = open_table(a)
+    _, fa, _ = open_table(a)
     assert open_table(a)[1] == fa
     b = write_stream(tmp_path / "b.arrow", token_table(0, 12))
     assert open_table(b)[1] != fa
