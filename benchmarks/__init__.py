@@ -1,0 +1,1 @@
+"""lensfeed performance benchmarks: ``python -m benchmarks.run [--quick]`` (see README.md)."""

@@ -1,0 +1,161 @@
+"""Run one producer process and one FeedClient process against each other and collect both
+JSON reports (optionally under a sampling profiler)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Proc, Workdir, py, read_report
+from benchmarks.settings import BATCH
+
+
+@dataclass
+class FeedResult:
+    consumer: dict[str, Any]
+    producer: dict[str, Any]
+    profiles: dict[str, Path]
+
+    def timed_cycles(self) -> list[dict[str, Any]]:
+        """Complete cycles after the warm-up."""
+        cycles = self.consumer["cycles"][self.consumer["warmup"] :]
+        return [c for c in cycles if c["complete"]]
+
+    def blocks(self) -> list[dict[str, Any]]:
+        """Steady-state blocks (``--block``) of the timed cycles."""
+        return [b for c in self.timed_cycles() for b in c["blocks"]]
+
+
+def profiler() -> str:
+    """``py-spy`` (all threads, native sampling) if installed, else ``pyinstrument`` (main
+    thread only)."""
+    return "py-spy" if shutil.which("py-spy") else "pyinstrument"
+
+
+def _wrap(cmd: list[str], profile: Path | None) -> list[str]:
+    if profile is None:
+        return cmd
+    if profiler() == "py-spy":
+        return [
+            "py-spy",
+            "record",
+            "--threads",
+            "--nonblocking",
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--output",
+            str(profile),
+            "--",
+            *cmd,
+        ]
+    assert cmd[1] == "-m"
+    return [cmd[0], "-m", "pyinstrument", "-r", "text", "-o", str(profile), "-m", *cmd[2:]]
+
+
+def overrides(
+    *,
+    dataset: Path,
+    endpoint: str,
+    cycle_samples: int,
+    shuffle: bool,
+    batch_size: int = BATCH,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """Config overrides both processes load (they must agree on the data spec)."""
+    return [
+        f"dataset.path={dataset}",
+        f"batch_size={batch_size}",
+        "world_size=1",
+        "seed=0",
+        f"dataset.on_the_fly.samples_per_regeneration_cycle={cycle_samples}",
+        f"dataset.on_the_fly.shuffle={str(shuffle).lower()}",
+        f"feed.endpoint={endpoint}",
+        "feed.timeout_s=120",
+        *extra,
+    ]
+
+
+def run_feed(
+    work: Workdir,
+    name: str,
+    *,
+    dataset: Path,
+    cycle_batches: int,
+    cycles: int,
+    initial_batches: int | None = None,
+    warmup: int,
+    batch_size: int = BATCH,
+    shuffle: bool = True,
+    transform: str = "",
+    extra_overrides: Sequence[str] = (),
+    consumer_args: Sequence[str] = (),
+    producer_patches: Sequence[str] = (),
+    consumer_patches: Sequence[str] = (),
+    profile: bool = False,
+    timeout_s: float = 300.0,
+    producer_codes: Sequence[int] = (0,),
+) -> FeedResult:
+    """Start ``benchmarks.producer_runner`` and ``benchmarks.consumer``; wait for both."""
+    ov = overrides(
+        dataset=dataset,
+        endpoint=work.endpoint(name),
+        cycle_samples=cycle_batches * batch_size,
+        shuffle=shuffle,
+        batch_size=batch_size,
+        extra=[
+            *(
+                [f"training_initial_cache_size_per_rank={initial_batches * batch_size}"]
+                if initial_batches
+                else []
+            ),
+            *extra_overrides,
+        ],
+    )
+    p_report, c_report = work.path(f"{name}-producer.json"), work.path(f"{name}-consumer.json")
+    ext = "collapsed" if profiler() == "py-spy" else "txt"
+    profiles: dict[str, Path] = {}
+    if profile:
+        for side in ("producer", "trainer"):
+            profiles[side] = work.path(f"{name}-{side}.{ext}")
+    p_cmd = py("benchmarks.producer_runner", "--report", str(p_report))
+    if transform:
+        p_cmd += ["--transform", transform]
+    for patch in producer_patches:
+        p_cmd += ["--patch", patch]
+    c_cmd = py(
+        "benchmarks.consumer",
+        "--report",
+        str(c_report),
+        "--cycles",
+        str(cycles),
+        "--warmup",
+        str(warmup),
+        *consumer_args,
+    )
+    for patch in consumer_patches:
+        c_cmd += ["--patch", patch]
+    producer = Proc(
+        _wrap([*p_cmd, "--", *ov], profiles.get("producer")), log=work.path(f"{name}-p.log")
+    )
+    consumer = Proc(
+        _wrap([*c_cmd, "--", *ov], profiles.get("trainer")), log=work.path(f"{name}-c.log")
+    )
+    try:
+        c_code = consumer.wait(timeout_s)
+        p_code = producer.wait(30)
+    finally:
+        consumer.kill()
+        producer.kill()
+    if c_code != 0 or not c_report.is_file():
+        raise RuntimeError(f"{name}: consumer failed ({c_code}):\n{consumer.tail()}")
+    if p_code not in producer_codes or not p_report.is_file():
+        raise RuntimeError(f"{name}: producer failed ({p_code}):\n{producer.tail()}")
+    return FeedResult(read_report(c_report), read_report(p_report), profiles)
+
+
+__all__ = ["FeedResult", "overrides", "profiler", "run_feed"]

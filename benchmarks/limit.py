@@ -1,0 +1,111 @@
+"""The transport limit: raw pyzmq PUSH -> PULL between two processes, no lensfeed code.
+
+Each message is ``[msgpack header, raw payload]`` sent with ``copy=False``, the same bytes per
+batch as the lensfeed message (all tensor frames together) over the same transport (``ipc://``).
+The sender binds (like the producer), the receiver connects (like the trainer). High-water marks
+on both sides equal the lensfeed prefetch depth, so neither side buffers more than lensfeed may.
+
+::
+
+    python -m benchmarks.limit send --endpoint E --nbytes N --count C --rounds R
+    python -m benchmarks.limit recv --endpoint E --count C --rounds R --report out.json
+
+Round ``r`` takes from the last message of round ``r-1`` to the last message of round ``r``
+(round 0 is the warm-up); the receiver writes one time per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import zmq
+
+from benchmarks.common import self_report, write_json
+from benchmarks.patches import tune_malloc
+
+
+def send(endpoint: str, nbytes: int, count: int, rounds: int, hwm: int) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.LINGER, -1)
+    sock.bind(endpoint)
+    payload = np.random.default_rng(0).integers(0, 255, size=nbytes, dtype=np.uint8)
+    view = memoryview(payload)
+    seq = 0
+    for r in range(rounds):
+        for i in range(count):
+            header = {
+                "v": 1,
+                "kind": "batch",
+                "rank": 0,
+                "cycle": r,
+                "batch": i,
+                "seq": seq,
+                "tensors": [["payload", "uint8", [nbytes]]],
+            }
+            sock.send_multipart([msgpack.packb(header, use_bin_type=True), view], copy=False)
+            seq += 1
+    sock.close()  # LINGER=-1: returns once everything is handed to the peer
+    ctx.term()
+
+
+def recv(endpoint: str, count: int, rounds: int, hwm: int, report: Path) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.connect(endpoint)
+    times: list[float] = []
+    nbytes = 0
+    t_prev = 0.0
+    for r in range(rounds):
+        for _ in range(count):
+            frames = sock.recv_multipart(copy=False)
+            header = msgpack.unpackb(frames[0].buffer, raw=False)
+            assert header["cycle"] == r
+            nbytes = len(frames[1].buffer)
+        now = time.perf_counter()
+        if r > 0:
+            times.append(now - t_prev)
+        t_prev = now
+    sock.close(linger=0)
+    ctx.term()
+    write_json(
+        report,
+        {"round_s": times, "count": count, "nbytes": nbytes, **self_report()},
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("role", choices=("send", "recv"))
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--nbytes", type=int, default=0)
+    p.add_argument("--count", type=int, required=True, help="messages per round")
+    p.add_argument("--rounds", type=int, required=True, help="rounds, the first is warm-up")
+    p.add_argument("--hwm", type=int, default=8)
+    p.add_argument("--report", type=Path)
+    p.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="receiver keeps large blocks in the heap (benchmarks.patches.tune_malloc)",
+    )
+    a = p.parse_args(argv)
+    if a.tune_malloc and a.role == "recv":
+        tune_malloc()
+    if a.role == "send":
+        send(a.endpoint, a.nbytes, a.count, a.rounds, a.hwm)
+    else:
+        assert a.report is not None
+        recv(a.endpoint, a.count, a.rounds, a.hwm, a.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

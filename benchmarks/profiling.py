@@ -1,0 +1,176 @@
+"""Profiles of the lensfeed path: producer and trainer processes under a sampling profiler.
+
+``py-spy record --threads --nonblocking`` samples every thread of both processes at 250 Hz
+without pausing them; idle samples (a thread blocked in a syscall: poll, condition wait) are
+dropped by py-spy, so percentages are shares of *on-CPU* samples. The raw collapsed stacks are
+reduced to text summaries (per process: top functions by self and inclusive samples; per thread:
+top self) written to ``results/profile_<case>_<process>.txt``. Without py-spy, pyinstrument's
+text report (main thread only) is saved instead.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Workdir
+from benchmarks.feed import profiler
+from benchmarks.patches import pending
+from benchmarks.settings import CASES, Settings
+from benchmarks.throughput import steady_feed
+
+_LINE = re.compile(r":\d+\)$")
+_THREAD = re.compile(r"^thread \((\d+)\)(?::\s*(.*))?$")
+#: A sample belongs to the data path if one of its frames is one of these (producer serving
+#: loop and regeneration thread; the trainer's cycle iteration; libzmq background threads).
+_DATA_PATH = (
+    "ProducerServer.",
+    "Prefetcher.",
+    "FeedClient.",
+    "Cycle.",
+    "_iter_cycle",
+    "run (benchmarks/consumer.py",
+)
+
+
+def _frame(f: str) -> str:
+    """``func (path/to/file.py:123)`` -> ``func (file.py)`` style key without the line."""
+    f = _LINE.sub(")", f)
+    m = re.match(r"^(.*) \((.*)\)$", f)
+    if not m:
+        return f
+    func, path = m.groups()
+    parts = path.split("/")
+    short = "/".join(parts[-2:]) if len(parts) > 1 else path
+    return f"{func} ({short})"
+
+
+def summarize_collapsed(path: Path, *, title: str, top: int = 25) -> str:
+    """Text summary of py-spy ``--format raw`` output (one ``stack count`` per line)."""
+    self_c: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    per_thread: dict[str, Counter[str]] = defaultdict(Counter)
+    thread_total: Counter[str] = Counter()
+    total = startup = frameless = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        parts = stack.split(";")
+        m = _THREAD.match(parts[0])
+        thread = (m.group(2) or f"tid {m.group(1)}") if m else "?"
+        if thread == "rss-sampler":  # the benchmark's own memory sampler
+            continue
+        frames = parts[1:] if m else parts
+        if not frames:
+            frameless += n
+            continue
+        if not any(f.startswith(_DATA_PATH) for f in frames):
+            startup += n  # imports, start-up, set-up: not the data path
+            continue
+        total += n
+        leaf = _frame(frames[-1])
+        self_c[leaf] += n
+        per_thread[thread][leaf] += n
+        thread_total[thread] += n
+        for f in {_frame(x) for x in frames}:
+            incl[f] += n
+    out = [
+        title,
+        "=" * len(title),
+        f"on-CPU samples on the data path: {total} (excluded: {startup} start-up/import/set-up, "
+        f"{frameless} without a Python frame)",
+        "",
+        f"Top {top} by self samples (where the CPU time is spent):",
+    ]
+    pct = (lambda v: f"{100.0 * v / total:5.1f}%") if total else (lambda v: "  n/a")
+    out += [f"  {pct(v)}  {k}" for k, v in self_c.most_common(top)]
+    out += ["", f"Top {top} by inclusive samples (time under each function):"]
+    skip = ("Thread.", "_bootstrap", "_run_code", "<module>", "main (")
+    inc = [(k, v) for k, v in incl.most_common() if not k.startswith(skip)]
+    out += [f"  {pct(v)}  {k}" for k, v in inc[:top]]
+    for thread, cnt in sorted(thread_total.items(), key=lambda kv: -kv[1]):
+        out += ["", f"Thread {thread}: {pct(cnt)} of samples; top self:"]
+        out += [f"  {pct(v)}  {k}" for k, v in per_thread[thread].most_common(12)]
+    return "\n".join(out) + "\n"
+
+
+def top_self(path: Path, n: int = 8) -> list[tuple[str, float]]:
+    """The ``n`` hottest functions of a saved summary, for the Markdown report."""
+    rows: list[tuple[str, float]] = []
+    lines = path.read_text().splitlines()
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("Top") and "self" in ln)
+    except StopIteration:
+        return rows
+    for ln in lines[start + 1 :]:
+        m = re.match(r"^\s+([\d.]+)%\s+(.*)$", ln)
+        if not m:
+            break
+        rows.append((m.group(2), float(m.group(1))))
+        if len(rows) >= n:
+            break
+    return rows
+
+
+def run(
+    work: Workdir,
+    settings: Settings,
+    data: dict[str, Path],
+    out_dir: Path,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    cases = {c.key: c for c in CASES}
+    plan = [
+        ("tok128", False),
+        ("act32", False),
+        ("tok2048", False),
+        ("tok128", True),
+        ("act32", True),
+    ]
+    tool = profiler()
+    protos = [*pending("producer"), *pending("trainer")]
+    results: dict[str, Any] = {"profiler": tool, "runs": []}
+    for key, proto in plan:
+        case = cases[key]
+        name = f"{key}_shuffled" + ("_prototypes" if proto else "")
+        progress(f"profile {name}")
+        res, rates, _ = steady_feed(
+            work,
+            f"prof-{name}",
+            case,
+            settings,
+            data,
+            shuffle=True,
+            prototype=proto,
+            profile=True,
+        )
+        rate = statistics.median(rates)
+        entry: dict[str, Any] = {"name": name, "case": key, "prototypes": proto, "files": {}}
+        entry["samples_per_s_under_profiler"] = rate
+        for side, raw in res.profiles.items():
+            dest = out_dir / f"profile_{name}_{side}.txt"
+            title = (
+                f"{side} process, {case.label}, shuffled"
+                + (", with prototypes " + ", ".join(protos)) * proto
+                + f" ({tool}; {rate:,.0f} samples/s while profiled)"
+            )
+            if not raw.is_file():
+                continue
+            if tool == "py-spy":
+                dest.write_text(summarize_collapsed(raw, title=title))
+            else:
+                shutil.copyfile(raw, dest)
+            entry["files"][side] = dest.name
+            entry.setdefault("top", {})[side] = top_self(dest)
+        results["runs"].append(entry)
+    return results
+
+
+__all__ = ["run", "summarize_collapsed", "top_self"]

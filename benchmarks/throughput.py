@@ -1,0 +1,237 @@
+"""Throughput section: the raw ZeroMQ limit, lensfeed, the original loop and DataLoader on the
+same data and message sizes. Every row is samples/s and GB/s of wire payload (all tensor
+frames: tokens or activations + ``sample_idx``), median of ``Settings.repeats`` repeats."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks import baselines
+from benchmarks.common import GB, Proc, Workdir, py, read_report, summarize
+from benchmarks.feed import FeedResult, run_feed
+from benchmarks.patches import pending
+from benchmarks.settings import BATCH, CASES, Case, Settings
+
+log = logging.getLogger("benchmarks")
+
+
+def _row(
+    case: Case, method: str, shuffle: bool | None, samples_per_s: list[float], **extra: Any
+) -> dict[str, Any]:
+    return {
+        "case": case.key,
+        "label": case.label,
+        "batch_bytes": case.batch_bytes,
+        "method": method,
+        "shuffle": shuffle,
+        "samples_per_s": summarize(samples_per_s),
+        "gb_per_s": summarize([s * case.bytes_per_sample / GB for s in samples_per_s]),
+        **extra,
+    }
+
+
+def measure_limit(
+    work: Workdir, case: Case, settings: Settings, *, tuned: bool = False
+) -> dict[str, Any]:
+    """Raw pyzmq PUSH -> PULL of ``case.batch_bytes`` messages, one round per repeat
+    (``tuned``: the receiver keeps large blocks in the heap, see ``patches.tune_malloc``)."""
+    count = settings.batches_per_cycle(case)
+    name = f"limit{'-tuned' if tuned else ''}-{case.key}"
+    endpoint = work.endpoint(name)
+    report = work.path(f"{name}.json")
+    rounds = settings.repeats + 1
+    common = ["--endpoint", endpoint, "--count", str(count), "--rounds", str(rounds)]
+    recv = Proc(
+        py("benchmarks.limit", "recv", *common, "--report", str(report))
+        + (["--tune-malloc"] if tuned else []),
+        log=work.path(f"{name}-recv.log"),
+    )
+    send = Proc(
+        py("benchmarks.limit", "send", *common, "--nbytes", str(case.batch_bytes)),
+        log=work.path(f"{name}-send.log"),
+    )
+    try:
+        if recv.wait(300) != 0:
+            raise RuntimeError(f"limit receiver failed:\n{recv.tail()}")
+        send.wait(30)
+    finally:
+        recv.kill()
+        send.kill()
+    r = read_report(report)
+    rates = [count * BATCH / t for t in r["round_s"]]
+    return _row(case, "limit+malloc" if tuned else "limit", None, rates, batches_per_repeat=count)
+
+
+def steady_feed(
+    work: Workdir,
+    name: str,
+    case: Case,
+    settings: Settings,
+    data: dict[str, Path],
+    *,
+    shuffle: bool,
+    prototype: bool = False,
+    profile: bool = False,
+    coalesce: int = 1,
+) -> tuple[FeedResult, list[float], int]:
+    """Producer process -> FeedClient process: a warm-up cycle of ``n`` batches, then one cycle
+    of ``repeats * n + 1`` batches timed in blocks of ``n`` (one block per repeat), so each
+    repeat is steady-state streaming like a raw-limit round. ``coalesce`` > 1 serves batches of
+    ``coalesce * 64`` samples: the same bytes per repeat in fewer, larger messages. Returns the
+    result, samples/s per block and ``n``."""
+    batch = BATCH * coalesce
+    n = max(1, settings.batches_per_cycle(case) // coalesce)
+    res = run_feed(
+        work,
+        name,
+        dataset=data[case.dataset],
+        initial_batches=n,
+        cycle_batches=settings.repeats * n + 1,
+        cycles=2,
+        warmup=1,
+        batch_size=batch,
+        shuffle=shuffle,
+        transform=case.transform,
+        consumer_args=["--block", str(n)],
+        producer_patches=pending("producer") if prototype else (),
+        consumer_patches=pending("trainer") if prototype else (),
+        profile=profile,
+    )
+    blocks = res.blocks()
+    assert len(blocks) == settings.repeats, blocks
+    want = batch * case.bytes_per_sample * n
+    assert all(b["bytes"] == want for b in blocks), "payload differs from the case"
+    return res, [b["batches"] * batch / b["seconds"] for b in blocks], n
+
+
+def measure_lensfeed(
+    work: Workdir,
+    case: Case,
+    settings: Settings,
+    data: dict[str, Path],
+    *,
+    shuffle: bool,
+    prototype: bool = False,
+    coalesce: int = 1,
+) -> dict[str, Any]:
+    method = ("lensfeed+proto" if prototype else "lensfeed") + (
+        f" x{coalesce}" if coalesce > 1 else ""
+    )
+    name = f"{method.replace('+', '-').replace(' ', '')}-{case.key}-{'shuf' if shuffle else 'seq'}"
+    res, rates, n = steady_feed(
+        work, name, case, settings, data, shuffle=shuffle, prototype=prototype, coalesce=coalesce
+    )
+    timed = res.timed_cycles()[0]
+    return _row(
+        case,
+        method,
+        shuffle,
+        rates,
+        batches_per_repeat=n,
+        samples_per_message=BATCH * coalesce,
+        # The whole timed cycle, its boundary (NEXT_CYCLE handshake, cleanup) included.
+        cycle_samples_per_s=timed["samples"] / timed["seconds"],
+        boundary_s=timed["boundary_s"],
+        consumer_wait_s=timed["wait_s"],
+        producer_cpu_s=res.producer["cpu_user_s"] + res.producer["cpu_sys_s"],
+        consumer_cpu_s=res.consumer["cpu_user_s"] + res.consumer["cpu_sys_s"],
+        patches=[*pending("producer"), *pending("trainer")] if prototype else [],
+    )
+
+
+def measure_original(
+    case: Case, settings: Settings, data: dict[str, Path], *, shuffle: bool
+) -> dict[str, Any]:
+    samples = settings.original_samples[case.key]
+    runs = baselines.run_original(
+        data[case.dataset],
+        samples=samples,
+        batch_size=BATCH,
+        shuffle=shuffle,
+        repeats=settings.repeats,
+    )
+    return _row(
+        case,
+        "original",
+        shuffle,
+        [r["samples"] / r["seconds"] for r in runs],
+        samples_per_repeat=samples,
+        regen_s=summarize([r["regen_s"] for r in runs]),
+        iterate_s=summarize([r["iterate_s"] for r in runs]),
+    )
+
+
+def measure_dataloader(
+    case: Case, settings: Settings, data: dict[str, Path], *, shuffle: bool, workers: int
+) -> dict[str, Any]:
+    samples = settings.dataloader_samples[case.key]
+    runs = baselines.run_dataloader(
+        data[case.dataset],
+        samples=samples,
+        batch_size=BATCH,
+        shuffle=shuffle,
+        workers=workers,
+        repeats=settings.repeats,
+    )
+    return _row(
+        case,
+        f"dataloader-w{workers}",
+        shuffle,
+        [r["samples"] / r["seconds"] for r in runs],
+        samples_per_repeat=samples,
+    )
+
+
+def run(
+    work: Workdir,
+    settings: Settings,
+    data: dict[str, Path],
+    progress: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for case in CASES:
+        progress(f"limit {case.key}")
+        limit = measure_limit(work, case, settings)
+        rows.append(limit)
+        if settings.prototypes:
+            progress(f"limit+malloc {case.key}")
+            rows.append(measure_limit(work, case, settings, tuned=True))
+        for shuffle in (True, False):
+            s = "shuffled" if shuffle else "sequential"
+            progress(f"lensfeed {case.key} {s}")
+            rows.append(measure_lensfeed(work, case, settings, data, shuffle=shuffle))
+            if settings.prototypes:
+                progress(f"lensfeed+prototypes {case.key} {s}")
+                rows.append(
+                    measure_lensfeed(work, case, settings, data, shuffle=shuffle, prototype=True)
+                )
+            if settings.prototypes and case.key == "tok128":
+                progress(f"lensfeed+prototypes x4 {case.key} {s}")
+                rows.append(
+                    measure_lensfeed(
+                        work, case, settings, data, shuffle=shuffle, prototype=True, coalesce=4
+                    )
+                )
+            if case.tokens:
+                progress(f"original {case.key} {s}")
+                rows.append(measure_original(case, settings, data, shuffle=shuffle))
+                for workers in (0, 2):
+                    progress(f"dataloader w{workers} {case.key} {s}")
+                    rows.append(
+                        measure_dataloader(case, settings, data, shuffle=shuffle, workers=workers)
+                    )
+        # Bracket the case: the limit is measured before and after its lensfeed runs and the
+        # repeats are pooled, so slow drifts of this shared machine hit both sides alike.
+        progress(f"limit {case.key} (again)")
+        again = measure_limit(work, case, settings)
+        pooled = limit["samples_per_s"]["values"] + again["samples_per_s"]["values"]
+        limit.update(
+            _row(case, "limit", None, pooled, batches_per_repeat=limit["batches_per_repeat"])
+        )
+    return rows
+
+
+__all__ = ["run"]
