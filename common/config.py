@@ -58,6 +58,9 @@ class FeedConfig:
     bind: str = ""
     #: Batches the trainer keeps ready (credits granted to the producer).
     prefetch: int = 8
+    #: Most training batches packed into one message (consecutive, same cycle). Small batches
+    #: cost more per message than per byte; 0 = auto: up to ~256 KiB and half the prefetch.
+    batches_per_message: int = 0
     #: Seconds any wait on the peer may take before it becomes an error.
     timeout_s: float = 60.0
     #: Regenerate the next cycle before the trainer asks for it (bounded below).
@@ -296,6 +299,10 @@ def validate(cfg: LensfeedConfig) -> None:
         )
     if cfg.seed < 0:
         raise ConfigError(f"'seed' must be >= 0 (got {cfg.seed})")
+    if cfg.feed.batches_per_message < 0:
+        raise ConfigError(
+            f"'feed.batches_per_message' must be >= 0 (got {cfg.feed.batches_per_message})"
+        )
     if cfg.training.max_steps < 0:
         raise ConfigError(f"'training.max_steps' must be >= 0 (got {cfg.training.max_steps})")
     if cfg.batch_size > cfg.cycle_size:

@@ -29,7 +29,7 @@ MAX_NDIM = 8
 HELLO = "hello"
 NEXT_CYCLE = "next_cycle"
 CREDIT = "credit"
-BYE = "bye"
+BYE = "bye"  # also producer -> trainer: the acknowledgement, nothing follows it
 # producer -> trainer
 WELCOME = "welcome"
 CYCLE_START = "cycle_start"
@@ -92,7 +92,14 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
         "shard_rows": _INT,
         "prepared_ahead": _BOOL,
     },
-    BATCH: {"rank": _INT, "cycle": _INT, "batch": _INT, "seq": _INT, "tensors": _LIST},
+    BATCH: {
+        "rank": _INT,
+        "cycle": _INT,
+        "batch": _INT,
+        "count": _INT,
+        "seq": _INT,
+        "tensors": _LIST,
+    },
     CYCLE_END: {"rank": _INT, "cycle": _INT, "batches": _INT, "regen_s": _NUM},
     ERROR: {"code": _STR, "message": _STR, "fatal": _BOOL},
 }

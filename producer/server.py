@@ -11,6 +11,8 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 import zmq
 
 from common import protocol as P
@@ -23,6 +25,8 @@ log = logging.getLogger("lensfeed.producer")
 
 #: Poll interval of the server loop; bounds how late a shutdown or idle check can be.
 _TICK_S = 0.05
+#: With ``feed.batches_per_message: 0``, batches are packed up to about this many bytes.
+_AUTO_MESSAGE_BYTES = 256 * 1024
 
 
 def bind_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -40,6 +44,17 @@ def bind_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
         sock.close()
         raise LensfeedError(f"cannot bind producer endpoint {endpoint}: {exc}") from None
     return sock
+
+
+def _stack(batches: list[dict]) -> dict:
+    """One message's tensors: consecutive batches concatenated along dim 0."""
+    if len(batches) == 1:
+        return batches[0]
+    out = {}
+    for name, first in batches[0].items():
+        parts = [b[name] for b in batches]
+        out[name] = torch.cat(parts) if isinstance(first, torch.Tensor) else np.concatenate(parts)
+    return out
 
 
 def _send(sock: zmq.Socket, peer: bytes, frames: list) -> bool:
@@ -86,6 +101,9 @@ class ProducerServer:
             prepare_ahead=feed.prepare_ahead,
         )
         self.peer: bytes | None = None
+        self.last_peer: bytes | None = None  # a dropped session may still say goodbye
+        self.pack = 1  # most training batches per message for this session
+        self._auto_pack = False  # size ``pack`` from the first batch of the session
         self.credits = 0
         self.seq = 0
         self.serving: int | None = None  # cycle being sent
@@ -125,8 +143,8 @@ class ProducerServer:
                     # Without credit only a cycle end or an error may go out: don't wait then.
                     wait = _TICK_S if self.credits > 0 else 0.0
                     items = self.ahead.get(wait, max_batches=self.credits)
-                    for item in items:
-                        self._emit(item)
+                    for group in self._groups(items):
+                        self._emit(group)
                         if self.peer is None or self._stop is not None:
                             break
                     if items or self.credits > 0:
@@ -144,8 +162,29 @@ class ProducerServer:
         finally:
             self.close()
 
-    def _emit(self, item: Ready) -> None:
+    def _groups(self, items: list[Ready]) -> list[list[Ready]]:
+        """Consecutive batches packed ``pack`` at a time; ends and errors travel alone."""
+        out: list[list[Ready]] = []
+        for item in items:
+            if self._auto_pack and item.kind == "batch" and item.nbytes:
+                self.pack = max(1, min(self.pack, _AUTO_MESSAGE_BYTES // item.nbytes))
+                self._auto_pack = False
+            last = out[-1] if out else None
+            if (
+                item.kind == "batch"
+                and last is not None
+                and last[0].kind == "batch"
+                and len(last) < self.pack
+                and last[-1].cycle == item.cycle
+            ):
+                last.append(item)
+            else:
+                out.append([item])
+        return out
+
+    def _emit(self, group: list[Ready]) -> None:
         assert self.peer is not None
+        item = group[0]
         if item.kind == "error":
             err = item.error
             assert err is not None
@@ -165,14 +204,20 @@ class ProducerServer:
             self.expected = (item.cycle + 1, 0)
             self.serving = None
             return
-        assert item.data is not None
-        fields = {"rank": self.rank, "cycle": item.cycle, "batch": item.batch, "seq": self.seq}
-        self._deliver(P.encode(P.BATCH, fields, item.data))
+        data = _stack([g.data for g in group if g.data is not None])
+        fields = {
+            "rank": self.rank,
+            "cycle": item.cycle,
+            "batch": item.batch,
+            "count": len(group),
+            "seq": self.seq,
+        }
+        self._deliver(P.encode(P.BATCH, fields, data))
         self.seq += 1
-        self.credits -= 1
-        self.batches_sent += 1
-        self.bytes_sent += item.nbytes
-        self.expected = (item.cycle, item.batch + 1)
+        self.credits -= len(group)
+        self.batches_sent += len(group)
+        self.bytes_sent += sum(g.nbytes for g in group)
+        self.expected = (item.cycle, item.batch + len(group))
 
     def _deliver(self, frames: list) -> None:
         assert self.peer is not None
@@ -195,6 +240,17 @@ class ProducerServer:
         if msg.kind == P.HELLO:
             self._hello(peer, msg)
             return
+        if msg.kind == P.BYE and peer in (self.peer, self.last_peer):
+            # Also from a session already dropped (its socket closed mid-send): still goodbye.
+            log.info("rank %d: trainer said goodbye", self.rank)
+            _send(self.sock, peer, P.encode(P.BYE, {}))  # nothing follows: it may close now
+            if peer == self.peer:
+                self.peer = None
+                self.serving = None
+            self.last_peer = None
+            if self.feed.exit_on_bye:
+                self._stop = 0
+            return
         if peer != self.peer:
             err = ProtocolError(f"'{msg.kind}' before hello: say hello first")
             send_error(self.sock, peer, err, fatal=False)
@@ -206,12 +262,6 @@ class ProducerServer:
             self.credits += msg["n"]
         elif msg.kind == P.NEXT_CYCLE:
             self._next_cycle(peer, msg["cycle"], msg["batch"])
-        elif msg.kind == P.BYE:
-            log.info("rank %d: trainer said goodbye", self.rank)
-            self.peer = None
-            self.serving = None
-            if self.feed.exit_on_bye:
-                self._stop = 0
         else:
             send_error(
                 self.sock, peer, ProtocolError(f"unexpected '{msg.kind}' from trainer"), fatal=False
@@ -257,8 +307,11 @@ class ProducerServer:
             return
         if self.peer is not None and peer != self.peer:
             log.warning("rank %d: a new trainer session replaces the previous one", self.rank)
-        self.peer = peer
+        self.peer = self.last_peer = peer
         self.credits = max(0, msg["credits"])
+        limit = self.feed.batches_per_message or max(1, self.credits // 2)
+        self.pack = max(1, min(limit, max(1, self.credits // 2)))
+        self._auto_pack = self.feed.batches_per_message == 0
         self.seq = 0
         self.serving = None
         welcome = {

@@ -49,6 +49,13 @@ from trainer.device import Staged, Stager
 log = logging.getLogger("lensfeed.trainer")
 
 
+def _is_bye(frames: list[bytes]) -> bool:
+    try:
+        return P.decode_header(frames[0])["kind"] == P.BYE
+    except ProtocolError:
+        return False
+
+
 @dataclass
 class FeedStats:
     """Counters a training loop reports: how much it got, and how long it waited for it."""
@@ -227,13 +234,24 @@ class FeedClient:
         return True
 
     def close(self) -> None:
-        """Say goodbye (the producer may exit) and release the socket."""
+        """Say goodbye (the producer may exit) and release the socket.
+
+        Waits (briefly) for the producer's acknowledgement, draining what is still in flight,
+        so the connection never closes under a producer in the middle of sending.
+        """
         if self._sock is not None:
             try:
                 self._send(P.BYE, {})
+                deadline = time.monotonic() + min(self.timeout_s, 5.0)
+                while (left := deadline - time.monotonic()) > 0 and self._sock.poll(
+                    int(left * 1000)
+                ):
+                    frames = self._sock.recv_multipart()
+                    if _is_bye(frames):
+                        break
             except zmq.ZMQError:
                 pass
-            self._sock.close(linger=1000)  # let the goodbye reach the producer
+            self._sock.close(linger=1000)
             self._sock = None
         self._current = None
         self._items.clear()
@@ -334,23 +352,41 @@ class FeedClient:
     def _iter_cycle(self, cycle: Cycle) -> Iterator[dict[str, torch.Tensor]]:
         if cycle is not self._current or cycle.done:
             raise LensfeedError(f"cycle {cycle.index} can only be iterated once, while current")
-        for b in range(cycle.start_batch, cycle.num_batches):
+        bsz = self.spec.batch_size
+        b = cycle.start_batch
+        while b < cycle.num_batches:
             kind, payload = self._take(f"batch {b} of cycle {cycle.index}")
             if kind != P.BATCH:
                 raise ProtocolError(f"{self._where()}: expected batch {b}, got {kind}")
             header, staged = payload
+            count = header["count"]
             if header["cycle"] != cycle.index or header["batch"] != b:
                 raise ProtocolError(
                     f"{self._where()}: out-of-order batch (cycle {header['cycle']}, batch "
                     f"{header['batch']}), expected (cycle {cycle.index}, batch {b})"
                 )
+            if not 1 <= count <= cycle.num_batches - b:
+                raise ProtocolError(f"{self._where()}: batch count {count} is invalid at {b}")
             tensors = self._ready(staged)
-            self._cursor = (cycle.index, b + 1)
-            self._credit(1)
-            self.stats.batches += 1
-            self.stats.samples += self.spec.batch_size
-            self.stats.bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-            yield tensors
+            for name, t in tensors.items():
+                if t.dim() == 0 or t.shape[0] != count * bsz:
+                    raise ProtocolError(
+                        f"{self._where()}: tensor '{name}' has shape {list(t.shape)}; a message "
+                        f"of {count} batches needs leading dim {count * bsz}"
+                    )
+            for i in range(count):
+                batch = (
+                    tensors
+                    if count == 1
+                    else {k: t[i * bsz : (i + 1) * bsz] for k, t in tensors.items()}
+                )
+                b += 1
+                self._cursor = (cycle.index, b)
+                self._credit(1)
+                self.stats.batches += 1
+                self.stats.samples += bsz
+                self.stats.bytes += sum(t.numel() * t.element_size() for t in batch.values())
+                yield batch
         kind, header = self._take(f"end of cycle {cycle.index}")
         if kind != P.CYCLE_END:
             raise ProtocolError(f"{self._where()}: expected end of cycle, got {kind}")

@@ -46,7 +46,7 @@ SAMPLE_FIELDS: dict[str, dict[str, Any]] = {
         "shard_rows": 500,
         "prepared_ahead": True,
     },
-    P.BATCH: {"rank": 1, "cycle": 4, "batch": 3, "seq": 12},
+    P.BATCH: {"rank": 1, "cycle": 4, "batch": 3, "count": 1, "seq": 12},
     P.CYCLE_END: {"rank": 1, "cycle": 4, "batches": 10, "regen_s": 0.25},
     P.ERROR: {"code": "empty_shard", "message": "rank 1: shard is empty", "fatal": True},
 }

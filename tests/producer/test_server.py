@@ -311,12 +311,17 @@ def test_cycle_start_batches_and_cycle_end(peer: RawPeer, spec: DataSpec) -> Non
             "prepared_ahead": start["prepared_ahead"],
         }
         assert isinstance(start["prepared_ahead"], bool)
-        for j in range(info.batches):
+        j = 0
+        while j < info.batches:  # consecutive batches may share a message ("count")
             b = peer.expect(P.BATCH)
+            n = b["count"]
             assert (b["rank"], b["cycle"], b["batch"], b["seq"]) == (0, k, j, seq)
             seq += 1
-            assert b.tensors["sample_idx"].tolist() == cursor.batch_rows(k, j).tolist()
-            assert b.tensors["input_ids"].shape == (2, 32)
+            want = [r for i in range(n) for r in cursor.batch_rows(k, j + i).tolist()]
+            assert b.tensors["sample_idx"].tolist() == want
+            assert b.tensors["input_ids"].shape == (2 * n, 32)
+            j += n
+        assert j == info.batches
         end = peer.expect(P.CYCLE_END)
         assert (end["rank"], end["cycle"], end["batches"]) == (0, k, info.batches)
         assert end["regen_s"] >= 0
@@ -356,7 +361,7 @@ def test_zero_credits_send_nothing(peer: RawPeer, spec: DataSpec) -> None:
 
 def test_resume_mid_cycle(peer: RawPeer, spec: DataSpec) -> None:
     cursor = CycleCursor(spec, rank=0, shard_rows=5)
-    peer.hello(spec, cycle=2, batch=1)
+    peer.hello(spec, cycle=2, batch=1, credits=2)  # 2 credits: one batch per message
     peer.expect(P.WELCOME)
     peer.send(P.NEXT_CYCLE, cycle=2, batch=1)
     start = peer.expect(P.CYCLE_START)
@@ -620,3 +625,25 @@ def test_producer_help_mentions_every_option(procs) -> None:
     for action in parser()._actions:
         for opt in action.option_strings:
             assert opt in out
+
+
+def test_consecutive_batches_are_packed_per_message() -> None:
+    """Batches of one cycle share a message up to ``pack``; ends and errors travel alone."""
+    from types import SimpleNamespace
+
+    from producer.ahead import Ready
+
+    items = [Ready("batch", 0, j, nbytes=10) for j in range(4)] + [Ready("end", 0)]
+    items += [Ready("batch", 1, 0, nbytes=10), Ready("error", 1, 1)]
+    server = SimpleNamespace(pack=3, _auto_pack=False)
+    groups = ProducerServer._groups(server, items)  # type: ignore[arg-type]
+    assert [[(g.kind, g.cycle, g.batch) for g in grp] for grp in groups] == [
+        [("batch", 0, 0), ("batch", 0, 1), ("batch", 0, 2)],
+        [("batch", 0, 3)],
+        [("end", 0, 0)],
+        [("batch", 1, 0)],
+        [("error", 1, 1)],
+    ]
+    auto = SimpleNamespace(pack=4, _auto_pack=True)  # 200 KiB batches: one per 256 KiB message
+    big = [Ready("batch", 0, j, nbytes=200 * 1024) for j in range(3)]
+    assert [len(g) for g in ProducerServer._groups(auto, big)] == [1, 1, 1]  # type: ignore[arg-type]

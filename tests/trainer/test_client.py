@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from common.config import DataSpec, load_config
+from common.config import DataSpec, FeedConfig, load_config
 from common.errors import LensfeedError, ProducerTimeoutError, RemoteError, StateMismatchError
 from producer.cycle import CycleCursor
 from producer.fake import FakeProducer
@@ -220,3 +220,20 @@ def test_wait_time_is_recorded(tmp_path, spec):
         assert feed.stats.wait_s >= 0.04
         assert feed.stats.batches == 4
         assert feed.stats.samples == 16
+
+
+@pytest.mark.parametrize("per_message", [0, 1, 3])
+def test_packed_messages_yield_the_same_batches(tmp_path, spec, per_message):
+    """Several batches per message (auto or fixed) are split back into identical batches."""
+    feed_cfg = FeedConfig(exit_on_bye=False, batches_per_message=per_message)
+    with (
+        FakeProducer(f"ipc://{tmp_path}/a.sock", spec=spec, shard_rows=7) as plain,
+        FeedClient(plain.endpoint, rank=0, spec=spec, prefetch=1, timeout_s=10) as feed,
+    ):
+        reference = consume(feed, 3)  # prefetch 1: one batch per message
+    with (
+        FakeProducer(f"ipc://{tmp_path}/b.sock", spec=spec, shard_rows=7, feed=feed_cfg) as fp,
+        FeedClient(fp.endpoint, rank=0, spec=spec, prefetch=8, timeout_s=10) as feed,
+    ):
+        assert consume(feed, 3) == reference
+        assert feed.stats.batches == 12
