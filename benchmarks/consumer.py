@@ -35,6 +35,7 @@ from benchmarks import patches
 from benchmarks.common import AnonSampler, self_report, spend, write_json
 from common.config import DataSpec, LensfeedConfig, load_config
 from common.logs import setup_logging
+from common.malloc import tune_for_large_messages
 from trainer.client import FeedClient
 
 
@@ -154,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging("bench-consumer", rank=0, level=logging.WARNING)
     for name in args.patch:
         patches.apply(name)
-    report = run(args, load_config(None, args.overrides))
+    cfg = load_config(None, args.overrides)
+    if cfg.feed.tune_malloc:  # what `lensfeed train` does at start
+        tune_for_large_messages()
+    report = run(args, cfg)
     report.update(self_report())
     write_json(args.report, report)
     return 0

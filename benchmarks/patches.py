@@ -152,6 +152,12 @@ def _source_of(obj: object) -> str:
         return ""
 
 
+def _has_malloc_tuning() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("common.malloc") is not None
+
+
 def _has_strided_gather() -> bool:
     from producer.shard import TokenColumn
 
@@ -180,6 +186,7 @@ PATCHES: dict[str, Callable[[], None]] = {
 
 #: Detects that lensfeed itself already does what a prototype does (then it is not applied).
 UPSTREAM: dict[str, Callable[[], bool]] = {
+    "malloc-no-mmap": _has_malloc_tuning,
     "strided-gather": _has_strided_gather,
     "young-gc": _has_cheap_cycle_gc,
     "frombuffer-nowarn": _has_frombuffer_without_catch,

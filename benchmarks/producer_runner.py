@@ -36,6 +36,7 @@ from benchmarks import patches
 from benchmarks.common import AnonSampler, self_report, spend, write_json
 from common.config import load_config
 from common.logs import setup_logging
+from common.malloc import tune_for_large_messages
 from producer.source import Array, Batch, BatchContext, ShardSource
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.patch:
         patches.apply(name)
     cfg = load_config(None, args.overrides)
+    if cfg.feed.tune_malloc:  # what `lensfeed produce` does at start
+        tune_for_large_messages()
     transform = parse_transform(args.transform, cfg.batch_size)
     if transform is not None:
         plain = producer_main.build_source

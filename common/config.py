@@ -77,6 +77,8 @@ class FeedConfig:
     idle_timeout_s: float = 0.0
     #: The producer exits when its trainer says goodbye (the end of training).
     exit_on_bye: bool = True
+    #: Entry points set glibc malloc to reuse heap memory for big messages (common/malloc.py).
+    tune_malloc: bool = True
 
 
 @dataclass

@@ -20,6 +20,7 @@ from common.config import (
 from common.env import env_rank
 from common.errors import LensfeedError
 from common.logs import setup_logging
+from common.malloc import tune_for_large_messages
 from producer.server import ProducerServer, bind_socket, linger_with_error
 from producer.shard import load_shard
 from producer.source import ShardSource
@@ -130,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cpus:
             _pin_cpus(args.cpus)
         cfg = load_config(args.config, args.overrides)
+        if cfg.feed.tune_malloc:
+            tune_for_large_messages()
         return run_producer(cfg, rank)
     except LensfeedError as exc:
         log.error("%s", exc)

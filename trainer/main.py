@@ -10,6 +10,7 @@ from common.config import add_config_arguments, load_config
 from common.env import env_rank
 from common.errors import LensfeedError
 from common.logs import setup_logging
+from common.malloc import tune_for_large_messages
 from trainer.train import run_training
 
 log = logging.getLogger("lensfeed.trainer")
@@ -34,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LensfeedError as exc:
         log.error("%s", exc)
         return 1
+    if cfg.feed.tune_malloc:
+        tune_for_large_messages()
     return run_training(cfg)
 
 
