@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return ProducerServer(source, sock=sock, feed=cfg.feed).serve()
         finally:
-            sock.close(linger=0)
+            sock.close(linger=2000)
             ctx.term()
     except LensfeedError as exc:
         log.error("%s", exc)

@@ -92,7 +92,7 @@ def run_producer(cfg: LensfeedConfig, rank: int) -> int:
         )
         return code
     finally:
-        sock.close(linger=0)
+        sock.close(linger=2000)  # a final error or goodbye still leaves; nothing else is queued
         ctx.term()
 
 

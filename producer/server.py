@@ -75,7 +75,8 @@ def send_error(sock: zmq.Socket, peer: bytes, err: BaseException, *, fatal: bool
 
 
 def linger_with_error(sock: zmq.Socket, err: BaseException, *, linger_s: float) -> None:
-    """After a fatal start-up error: answer any trainer that says hello within ``linger_s``."""
+    """After a fatal start-up error: answer every message for up to ``linger_s`` seconds, and
+    return as soon as a trainer's hello has been answered (it knows; nothing more to wait for)."""
     deadline = time.monotonic() + linger_s
     while (remaining := deadline - time.monotonic()) > 0:
         if not sock.poll(int(remaining * 1000)):
@@ -83,6 +84,12 @@ def linger_with_error(sock: zmq.Socket, err: BaseException, *, linger_s: float) 
         frames = sock.recv_multipart()
         send_error(sock, frames[0], err, fatal=True)
         log.info("told trainer %r about the error", frames[0])
+        try:
+            told = P.decode_header(frames[1])["kind"] == P.HELLO if len(frames) > 1 else False
+        except ProtocolError:
+            told = False
+        if told:
+            return
 
 
 class ProducerServer:
