@@ -48,6 +48,7 @@ def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
         spec=spec,
         device=device,
         prefetch=cfg.feed.prefetch,
+        prefetch_bytes=cfg.feed.prefetch_bytes,
         timeout_s=cfg.feed.timeout_s,
         cleanup_each_cycle=not args.no_cleanup,
     )

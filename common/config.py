@@ -56,8 +56,10 @@ class FeedConfig:
     endpoint: str = "ipc:///tmp/lensfeed/rank{rank}.sock"
     #: Endpoint template the producer binds; empty = same as ``endpoint``.
     bind: str = ""
-    #: Batches the trainer keeps ready (credits granted to the producer).
-    prefetch: int = 8
+    #: Most batches in flight to a trainer rank (credits granted to the producer) ...
+    prefetch: int = 32
+    #: ... and at most this many bytes of them (the window is sized from the first batch).
+    prefetch_bytes: int = 256 << 20
     #: Most training batches packed into one message (consecutive, same cycle). Small batches
     #: cost more per message than per byte; 0 = auto: up to ~256 KiB and half the prefetch.
     batches_per_message: int = 0
@@ -279,6 +281,7 @@ def validate(cfg: LensfeedConfig) -> None:
         "dataset.on_the_fly.samples_per_regeneration_cycle": cfg.cycle_size,
         "training_initial_cache_size_per_rank": cfg.initial_cycle_size,
         "feed.prefetch": cfg.feed.prefetch,
+        "feed.prefetch_bytes": cfg.feed.prefetch_bytes,
         "feed.max_ahead_batches": cfg.feed.max_ahead_batches,
         "feed.max_message_bytes": cfg.feed.max_message_bytes,
         "activations.forward_batch_size": cfg.activations.forward_batch_size,

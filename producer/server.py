@@ -27,6 +27,8 @@ log = logging.getLogger("lensfeed.producer")
 _TICK_S = 0.05
 #: With ``feed.batches_per_message: 0``, batches are packed up to about this many bytes.
 _AUTO_MESSAGE_BYTES = 256 * 1024
+#: ... and at most this many batches.
+_AUTO_MAX_PACK = 16
 
 
 def bind_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -316,8 +318,7 @@ class ProducerServer:
             log.warning("rank %d: a new trainer session replaces the previous one", self.rank)
         self.peer = self.last_peer = peer
         self.credits = max(0, msg["credits"])
-        limit = self.feed.batches_per_message or max(1, self.credits // 2)
-        self.pack = max(1, min(limit, max(1, self.credits // 2)))
+        self.pack = self.feed.batches_per_message or _AUTO_MAX_PACK
         self._auto_pack = self.feed.batches_per_message == 0
         self.seq = 0
         self.serving = None

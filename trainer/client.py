@@ -106,7 +106,8 @@ class FeedClient:
         rank: int,
         spec: DataSpec,
         device: torch.device | str = "cpu",
-        prefetch: int = 8,
+        prefetch: int = 32,
+        prefetch_bytes: int = 256 << 20,
         timeout_s: float = 60.0,
         max_message_bytes: int = 1 << 31,
         cleanup_each_cycle: bool = True,
@@ -119,6 +120,7 @@ class FeedClient:
         self.spec = spec
         self.device = torch.device(device)
         self.prefetch = prefetch
+        self.prefetch_bytes = prefetch_bytes
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
         self.cleanup_each_cycle = cleanup_each_cycle
@@ -130,14 +132,18 @@ class FeedClient:
         self.stage_ahead = (
             stage_ahead if stage_ahead is not None else (2 if self.device.type == "cuda" else 0)
         )
-        #: Credits are returned in groups to halve the message rate; never more than prefetch.
-        self._credit_group = max(1, prefetch // 4)
-        self._owed = 0
+        # Credit window: batches the producer may have sent but we have not consumed. It starts
+        # small and, once the first batch shows its size, becomes prefetch_bytes / batch size
+        # (at most `prefetch`): deep for small batches, shallow for 32 MiB activations.
+        self._window = min(prefetch, 4)
+        self._sized = False
+        self._granted = self._window
+        self._consumed = 0
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._items: deque[tuple[str, Any]] = deque()
         self._staged = 0  # batches in _items
-        self._stager = Stager(self.device, slots=prefetch + self.stage_ahead + 1)
+        self._stager = Stager(self.device, slots=self.stage_ahead + 2)
         self._failed: LensfeedError | None = None
         self._gc_frozen = False
 
@@ -197,7 +203,7 @@ class FeedClient:
             "fingerprint": self.spec.fingerprint(),
             "cycle": cycle,
             "batch": batch,
-            "credits": self.prefetch,
+            "credits": self._granted,
         }
         sock.send_multipart(P.encode(P.HELLO, hello))
         kind, header = self._take("answer to hello")
@@ -272,9 +278,7 @@ class FeedClient:
         if self._failed is not None:
             raise self._failed
         if not self._items:
-            if self._owed:  # never block while holding back credit the producer may need
-                self._send(P.CREDIT, {"n": self._owed})
-                self._owed = 0
+            self._grant(force=True)  # never block while holding back credit the producer needs
             t0 = time.monotonic()
             got = self._receive(self.timeout_s)
             waited = time.monotonic() - t0
@@ -306,10 +310,21 @@ class FeedClient:
         return kind, payload
 
     def _credit(self, n: int) -> None:
-        self._owed += n
-        if self._owed >= self._credit_group:
-            self._send(P.CREDIT, {"n": self._owed})
-            self._owed = 0
+        self._consumed += n
+        self._grant(force=False)
+
+    def _grant(self, *, force: bool) -> None:
+        """Top the producer's credit back up to the window, in groups of a quarter window."""
+        deficit = self._window - (self._granted - self._consumed)
+        if deficit > 0 and (force or deficit >= max(1, self._window // 4)):
+            self._send(P.CREDIT, {"n": deficit})
+            self._granted += deficit
+
+    def _size_window(self, batch_bytes: int) -> None:
+        if not self._sized:
+            self._sized = True
+            fit = self.prefetch_bytes // max(1, batch_bytes)
+            self._window = max(1, min(self.prefetch, fit))
 
     def next_cycle(self) -> Cycle:
         """Ask the producer for the next cycle (this is the regeneration signal) and return it."""
@@ -368,6 +383,7 @@ class FeedClient:
             if not 1 <= count <= cycle.num_batches - b:
                 raise ProtocolError(f"{self._where()}: batch count {count} is invalid at {b}")
             tensors = self._ready(staged)
+            self._size_window(sum(t.numel() * t.element_size() for t in tensors.values()) // count)
             for name, t in tensors.items():
                 if t.dim() == 0 or t.shape[0] != count * bsz:
                     raise ProtocolError(

@@ -87,6 +87,7 @@ class Trainer:
             spec=self.spec,
             device=self.device,
             prefetch=cfg.feed.prefetch,
+            prefetch_bytes=cfg.feed.prefetch_bytes,
             timeout_s=cfg.feed.timeout_s,
             max_message_bytes=cfg.feed.max_message_bytes,
             cleanup_each_cycle=cfg.training.empty_cache_each_cycle,
