@@ -27,9 +27,9 @@ PERM_BYTES_PER_SAMPLE = 8  # one int64 permutation entry per sample of a cycle
 
 
 def _feed(work: Workdir, data: dict[str, Path], samples: int, cycles: int) -> dict[str, Any]:
-    # Whole cycles only: a trainer that leaves mid-cycle can hang or abort its producer (README,
-    # findings), and the peak must include the next cycle's permutation, which prepare_ahead
-    # builds while the current cycle is still being served.
+    # Whole cycles only (early versions could hang or abort a producer when the trainer left
+    # mid-cycle; fixed, see README findings), and the peak must include the next cycle's
+    # permutation, which prepare_ahead builds while the current cycle is still being served.
     n = samples // BATCH
     res = run_feed(
         work,

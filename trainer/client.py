@@ -321,10 +321,9 @@ class FeedClient:
             self._granted += deficit
 
     def _size_window(self, batch_bytes: int) -> None:
-        if not self._sized:
-            self._sized = True
-            fit = self.prefetch_bytes // max(1, batch_bytes)
-            self._window = max(1, min(self.prefetch, fit))
+        self._sized = True
+        fit = self.prefetch_bytes // max(1, batch_bytes)
+        self._window = max(1, min(self.prefetch, fit))
 
     def next_cycle(self) -> Cycle:
         """Ask the producer for the next cycle (this is the regeneration signal) and return it."""
@@ -383,7 +382,10 @@ class FeedClient:
             if not 1 <= count <= cycle.num_batches - b:
                 raise ProtocolError(f"{self._where()}: batch count {count} is invalid at {b}")
             tensors = self._ready(staged)
-            self._size_window(sum(t.numel() * t.element_size() for t in tensors.values()) // count)
+            if not self._sized:
+                self._size_window(
+                    sum(t.numel() * t.element_size() for t in tensors.values()) // count
+                )
             for name, t in tensors.items():
                 if t.dim() == 0 or t.shape[0] != count * bsz:
                     raise ProtocolError(
