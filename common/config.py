@@ -57,18 +57,19 @@ class FeedConfig:
     #: Endpoint template the producer binds; empty = same as ``endpoint``.
     bind: str = ""
     #: Most batches in flight to a trainer rank (credits granted to the producer) ...
-    prefetch: int = 32
+    prefetch: int = 1024
     #: ... and at most this many bytes of them (the window is sized from the first batch).
-    prefetch_bytes: int = 256 << 20
-    #: Most training batches packed into one message (consecutive, same cycle). Small batches
-    #: cost more per message than per byte; 0 = auto: up to ~256 KiB and half the prefetch.
+    prefetch_bytes: int = 128 << 20
+    #: Most training batches packed into one message (consecutive, same cycle). Every message
+    #: has a fixed cost on both sides, so small batches travel together; 0 = auto: up to
+    #: ~4 MiB and 64 batches per message.
     batches_per_message: int = 0
     #: Seconds any wait on the peer may take before it becomes an error.
     timeout_s: float = 60.0
     #: Regenerate the next cycle before the trainer asks for it (bounded below).
     prepare_ahead: bool = True
     #: Most batches the producer holds ready (current + next cycle).
-    max_ahead_batches: int = 64
+    max_ahead_batches: int = 256
     #: Most bytes the producer holds ready; 0 = no byte cap.
     max_ahead_bytes: int = 1 << 30
     #: Largest frame accepted from the peer.

@@ -10,6 +10,7 @@ checked against ``shape x itemsize`` before anything looks at them.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,11 @@ import numpy as np
 import torch
 
 from common.errors import ProtocolError
+
+# ZeroMQ frames are read-only and so are the tensors made over them (documented); torch warns
+# about that on every frombuffer. One targeted filter, installed once: a per-call
+# ``catch_warnings()`` cost more than the rest of decoding a message.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -265,12 +271,7 @@ def frombuffer(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> t
     """Zero-copy tensor over ``buf`` (kept alive by the tensor). Read-only buffers are fine."""
     if buf.nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    import warnings
-
-    with warnings.catch_warnings():
-        # ZeroMQ frames are read-only; the tensor is documented as read-only too.
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(buf, dtype=dtype).view(shape)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
 
 
 def error_fields(code: str, message: str, *, fatal: bool = True) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from producer.source import Batch, BatchSource
 
 @dataclass
 class Ready:
-    """One item the generator made: a batch, the end of a cycle, or a failure."""
+    """One item the generator made: ``count`` consecutive batches starting at ``batch``
+    (arrays concatenated along dim 0), the end of a cycle, or a failure."""
 
     kind: str  # "batch" | "end" | "error"
     cycle: int
@@ -29,6 +30,27 @@ class Ready:
     nbytes: int = 0
     regen_s: float = 0.0
     error: BaseException | None = None
+    count: int = 1
+
+    def split(self, k: int) -> tuple[Ready, Ready]:
+        """The first ``k`` batches and the rest, as views of the same arrays."""
+        assert 0 < k < self.count
+        assert self.data is not None
+        rows = next(iter(self.data.values())).shape[0] // self.count * k
+        head = {name: a[:rows] for name, a in self.data.items()}
+        tail = {name: a[rows:] for name, a in self.data.items()}
+        nb = self.nbytes * k // self.count
+        return (
+            Ready("batch", self.cycle, self.batch, head, nbytes=nb, count=k),
+            Ready(
+                "batch",
+                self.cycle,
+                self.batch + k,
+                tail,
+                nbytes=self.nbytes - nb,
+                count=self.count - k,
+            ),
+        )
 
 
 def _nbytes(batch: Batch) -> int:
@@ -39,7 +61,11 @@ def _nbytes(batch: Batch) -> int:
 
 
 class Prefetcher:
-    """Runs ``source.iter_batches`` in a daemon thread and hands out :class:`Ready` items."""
+    """Runs ``source.iter_chunks`` in a daemon thread and hands out :class:`Ready` items.
+
+    ``chunk`` is how many batches one gather builds (a message's worth): fewer, larger numpy
+    calls and no copy to pack them into a message later.
+    """
 
     def __init__(
         self,
@@ -48,9 +74,12 @@ class Prefetcher:
         max_batches: int,
         max_bytes: int = 0,
         prepare_ahead: bool = True,
+        chunk: int = 1,
     ) -> None:
         self.source = source
         self.max_batches = max(1, max_batches)
+        # At least two chunks fit the budget, so building the next overlaps sending the last.
+        self.chunk = max(1, min(chunk, self.max_batches // 2))
         self.max_bytes = max_bytes
         self.prepare_ahead = prepare_ahead
         # Once full, the builder resumes only below this mark: one wake-up per several batches.
@@ -111,12 +140,17 @@ class Prefetcher:
                 if item.kind == "batch":
                     if batches == max_batches:
                         break
-                    batches += 1
-                    self._ready_batches -= 1
+                    if item.count > max_batches - batches:  # take what the credit allows
+                        item, self._items[0] = item.split(max_batches - batches)
+                    else:
+                        self._items.popleft()
+                    batches += item.count
+                    self._ready_batches -= item.count
                     self._ready_bytes -= item.nbytes
+                    out.append(item)
+                    continue
                 out.append(self._items.popleft())
-                if item.kind != "batch":  # a cycle boundary: the caller decides what follows
-                    break
+                break  # a cycle boundary: the caller decides what follows
             if self._ready_batches <= self._low_water:
                 self._cv.notify_all()
             return out
@@ -135,7 +169,7 @@ class Prefetcher:
         limit = self._requested + (1 if self.prepare_ahead else 0)
         if self._gen[0] > limit:
             return False
-        if self._ready_batches >= self.max_batches:
+        if self._ready_batches + self.chunk > self.max_batches:
             self._building_paused = True
             return False
         if self._building_paused and self._ready_batches > self._low_water:
@@ -157,14 +191,14 @@ class Prefetcher:
                 epoch, (cycle, batch) = self._epoch, self._gen
             try:
                 if it_key != (epoch, cycle):
-                    it = self.source.iter_batches(cycle, batch)
+                    it = self.source.iter_chunks(cycle, batch, self.chunk)
                     it_key, regen_s = (epoch, cycle), 0.0
                 t0 = time.perf_counter()
-                data = next(it, None)
+                count, data = next(it, (0, None))
                 dt = time.perf_counter() - t0
                 regen_s += dt
                 end = None
-                if data is None or batch + 1 >= self.source.cycle_info(cycle).batches:
+                if data is None or batch + count >= self.source.cycle_info(cycle).batches:
                     self.source.end_cycle(cycle)
                     end = Ready("end", cycle, regen_s=regen_s)
             except BaseException as exc:  # reported to the trainer, never swallowed
@@ -180,15 +214,15 @@ class Prefetcher:
                     continue
                 if data is not None:
                     nb = _nbytes(data)
-                    self._items.append(Ready("batch", cycle, batch, data, nbytes=nb))
-                    self._ready_batches += 1
+                    self._items.append(Ready("batch", cycle, batch, data, nbytes=nb, count=count))
+                    self._ready_batches += count
                     self._ready_bytes += nb
                 if end is not None:
                     self._items.append(end)
                     self._gen = (cycle + 1, 0)
                     it_key = None
                 else:
-                    self._gen = (cycle, batch + 1)
+                    self._gen = (cycle, batch + count)
                 self._cv.notify_all()
 
 

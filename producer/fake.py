@@ -29,7 +29,7 @@ from common.errors import LensfeedError
 from common.logs import setup_logging
 from producer.cycle import CycleCursor, CycleInfo
 from producer.server import ProducerServer, bind_socket
-from producer.source import Batch
+from producer.source import Batch, Chunk
 
 log = logging.getLogger("lensfeed.producer")
 
@@ -101,6 +101,11 @@ class FakeSource:
             if self.delay_s:
                 time.sleep(self.delay_s)  # simulated regeneration cost
             yield self.make_batch(cycle, b)
+
+    def iter_chunks(self, cycle: int, start: int, max_batches: int) -> Iterator[Chunk]:
+        """One batch per chunk (the server packs them into messages)."""
+        for batch in self.iter_batches(cycle, start):
+            yield 1, batch
 
     def end_cycle(self, cycle: int) -> None:
         pass

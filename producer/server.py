@@ -25,10 +25,16 @@ log = logging.getLogger("lensfeed.producer")
 
 #: Poll interval of the server loop; bounds how late a shutdown or idle check can be.
 _TICK_S = 0.05
-#: With ``feed.batches_per_message: 0``, batches are packed up to about this many bytes.
-_AUTO_MESSAGE_BYTES = 256 * 1024
+#: With ``feed.batches_per_message: 0``, batches are packed up to about this many bytes ...
+_AUTO_MESSAGE_BYTES = 4 << 20
 #: ... and at most this many batches.
-_AUTO_MAX_PACK = 16
+_AUTO_MAX_PACK = 64
+
+
+def _auto_pack(batch_nbytes: int) -> int:
+    """Batches per message for ``batch_nbytes`` batches: ~``_AUTO_MESSAGE_BYTES`` (rounded to
+    the nearest count, so 512 KiB token batches plus their ``sample_idx`` pack 8, not 7)."""
+    return (_AUTO_MESSAGE_BYTES + batch_nbytes // 2) // max(1, batch_nbytes)
 
 
 def bind_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -108,6 +114,7 @@ class ProducerServer:
             max_batches=feed.max_ahead_batches,
             max_bytes=feed.max_ahead_bytes,
             prepare_ahead=feed.prepare_ahead,
+            chunk=self._message_batches(int(getattr(source, "batch_nbytes", 0))),
         )
         self.peer: bytes | None = None
         self.last_peer: bytes | None = None  # a dropped session may still say goodbye
@@ -120,6 +127,15 @@ class ProducerServer:
         self.batches_sent = 0
         self.bytes_sent = 0
         self._stop: int | None = None
+
+    def _message_batches(self, batch_nbytes: int) -> int:
+        """Batches per message: ``feed.batches_per_message``, or (auto) about
+        ``_AUTO_MESSAGE_BYTES`` worth, when the batch size is known (else sized on the first)."""
+        if self.feed.batches_per_message:
+            return self.feed.batches_per_message
+        if batch_nbytes <= 0:
+            return 1
+        return max(1, min(_AUTO_MAX_PACK, _auto_pack(batch_nbytes)))
 
     def stop(self) -> None:
         """Ask :meth:`serve` to return 0 at its next tick (used by in-process fakes)."""
@@ -172,23 +188,38 @@ class ProducerServer:
             self.close()
 
     def _groups(self, items: list[Ready]) -> list[list[Ready]]:
-        """Consecutive batches packed ``pack`` at a time; ends and errors travel alone."""
+        """Consecutive batches packed up to ``pack`` per message; ends and errors travel alone.
+
+        Chunks the prefetcher built at message size go out as they are; larger ones are split
+        (views) and smaller ones stacked (a copy, only when a transform makes small chunks).
+        """
         out: list[list[Ready]] = []
+        packed = 0  # batches in out[-1]
         for item in items:
-            if self._auto_pack and item.kind == "batch" and item.nbytes:
-                self.pack = max(1, min(self.pack, _AUTO_MESSAGE_BYTES // item.nbytes))
+            if item.kind != "batch":
+                out.append([item])
+                packed = 0
+                continue
+            if self._auto_pack and item.nbytes:
+                per_batch = max(1, item.nbytes // item.count)
+                self.pack = max(1, min(self.pack, _auto_pack(per_batch)))
                 self._auto_pack = False
+            while item.count > self.pack:
+                head, item = item.split(self.pack)
+                out.append([head])
+                packed = head.count
             last = out[-1] if out else None
             if (
-                item.kind == "batch"
-                and last is not None
+                last is not None
                 and last[0].kind == "batch"
-                and len(last) < self.pack
+                and packed + item.count <= self.pack
                 and last[-1].cycle == item.cycle
             ):
                 last.append(item)
+                packed += item.count
             else:
                 out.append([item])
+                packed = item.count
         return out
 
     def _emit(self, group: list[Ready]) -> None:
@@ -214,19 +245,20 @@ class ProducerServer:
             self.serving = None
             return
         data = _stack([g.data for g in group if g.data is not None])
+        count = sum(g.count for g in group)
         fields = {
             "rank": self.rank,
             "cycle": item.cycle,
             "batch": item.batch,
-            "count": len(group),
+            "count": count,
             "seq": self.seq,
         }
         self._deliver(P.encode(P.BATCH, fields, data))
         self.seq += 1
-        self.credits -= len(group)
-        self.batches_sent += len(group)
+        self.credits -= count
+        self.batches_sent += count
         self.bytes_sent += sum(g.nbytes for g in group)
-        self.expected = (item.cycle, item.batch + len(group))
+        self.expected = (item.cycle, item.batch + count)
 
     def _deliver(self, frames: list) -> None:
         assert self.peer is not None
@@ -318,8 +350,9 @@ class ProducerServer:
             log.warning("rank %d: a new trainer session replaces the previous one", self.rank)
         self.peer = self.last_peer = peer
         self.credits = max(0, msg["credits"])
-        self.pack = self.feed.batches_per_message or _AUTO_MAX_PACK
-        self._auto_pack = self.feed.batches_per_message == 0
+        known = int(getattr(self.source, "batch_nbytes", 0))
+        self.pack = self._message_batches(known) if known else _AUTO_MAX_PACK
+        self._auto_pack = self.feed.batches_per_message == 0 and not known
         self.seq = 0
         self.serving = None
         welcome = {

@@ -21,6 +21,9 @@ from producer.shard import Shard
 
 Array = np.ndarray | torch.Tensor
 Batch = dict[str, Array]
+#: ``(count, arrays)``: ``count`` consecutive training batches whose arrays are concatenated
+#: along dim 0 (leading dim ``count * batch_size``). The unit the producer builds and sends.
+Chunk = tuple[int, Batch]
 
 
 @dataclass
@@ -67,23 +70,19 @@ class BatchSource(Protocol):
 
     def cycle_info(self, cycle: int) -> CycleInfo: ...
 
-    def iter_batches(self, cycle: int, start: int) -> Iterator[Batch]: ...
+    def iter_chunks(self, cycle: int, start: int, max_batches: int) -> Iterator[Chunk]: ...
 
     def end_cycle(self, cycle: int) -> None: ...
 
     def close(self) -> None: ...
 
 
-def _split(out: Mapping[str, Array], count: int, batch_size: int) -> list[Batch]:
-    """Split a group's outputs back into ``count`` training batches (views, no copies)."""
-    n = count * batch_size
-    for name, t in out.items():
-        if t.shape[:1] != (n,):
-            raise TransformError(
-                f"transform output '{name}' has shape {tuple(t.shape)}; leading dim must be {n}"
-            )
+def split_chunk(arrays: Mapping[str, Array], count: int, batch_size: int) -> list[Batch]:
+    """A chunk's ``count`` training batches (views, no copies)."""
+    if count == 1:
+        return [dict(arrays)]
     return [
-        {name: t[i * batch_size : (i + 1) * batch_size] for name, t in out.items()}
+        {name: t[i * batch_size : (i + 1) * batch_size] for name, t in arrays.items()}
         for i in range(count)
     ]
 
@@ -113,39 +112,71 @@ class ShardSource:
     def fetch(self, cycle: int, slots: np.ndarray) -> Batch:
         return self.shard.gather(self.cursor.slot_rows(cycle, slots))
 
-    def iter_batches(self, cycle: int, start: int) -> Iterator[Batch]:
-        """Batches ``start ..`` of ``cycle``; deterministic in (spec, rank, cycle, batch)."""
+    @property
+    def batch_nbytes(self) -> int:
+        """Bytes of one served batch when known before building one (0 with a transform)."""
+        if self.transform is not None:
+            return 0
+        per_sample = 8  # sample_idx
+        for col in self.shard.columns.values():
+            per_sample += col.row_nbytes
+        return per_sample * self.spec.batch_size
+
+    def iter_chunks(self, cycle: int, start: int, max_batches: int) -> Iterator[Chunk]:
+        """Batches ``start ..`` of ``cycle`` in chunks; deterministic in (spec, rank, cycle,
+        batch) whatever the chunking.
+
+        Without a transform a chunk is up to ``max_batches`` batches gathered in one vectorised
+        step (one copy straight into what is sent, no per-batch work); with one, a chunk is one
+        call of the transform (``transform.group`` batches).
+        """
         n = self.spec.batches_in_cycle(cycle)
         group = max(1, int(getattr(self.transform, "group", 1))) if self.transform else 1
         b = start
         while b < n:
-            count = min(group, n - b)
+            count = min(group if self.transform else max(1, max_batches), n - b)
             slots = self.cursor.batch_slots(cycle, b, count)
             arrays = self.fetch(cycle, slots)
-            if self.transform is None:
-                yield arrays  # count == 1
-            else:
-                ctx = BatchContext(
-                    rank=self.rank,
-                    cycle=cycle,
-                    batch=b,
-                    num_batches=count,
-                    seed=self.spec.seed,
-                    slots=slots,
-                    cycle_len=n * self.spec.batch_size,
-                    fetch=lambda s, _c=cycle: self.fetch(_c, s),
-                )
-                try:
-                    out = self.transform(arrays, ctx)
-                except LensfeedError:
-                    raise
-                except Exception as exc:
-                    raise TransformError(
-                        f"rank {self.rank}: transform failed on cycle {cycle} batch {b}: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-                yield from _split(out, count, self.spec.batch_size)
+            if self.transform is not None:
+                arrays = self._transform(arrays, cycle, b, count, slots)
+            yield count, arrays
             b += count
+
+    def iter_batches(self, cycle: int, start: int) -> Iterator[Batch]:
+        """Batches ``start ..`` of ``cycle`` one at a time (views of the chunks)."""
+        for count, arrays in self.iter_chunks(cycle, start, 1):
+            yield from split_chunk(arrays, count, self.spec.batch_size)
+
+    def _transform(self, arrays: Batch, cycle: int, b: int, count: int, slots: np.ndarray) -> Batch:
+        assert self.transform is not None
+        n = self.spec.batches_in_cycle(cycle)
+        ctx = BatchContext(
+            rank=self.rank,
+            cycle=cycle,
+            batch=b,
+            num_batches=count,
+            seed=self.spec.seed,
+            slots=slots,
+            cycle_len=n * self.spec.batch_size,
+            fetch=lambda s, _c=cycle: self.fetch(_c, s),
+        )
+        try:
+            out = self.transform(arrays, ctx)
+        except LensfeedError:
+            raise
+        except Exception as exc:
+            raise TransformError(
+                f"rank {self.rank}: transform failed on cycle {cycle} batch {b}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        rows = count * self.spec.batch_size
+        for name, t in out.items():
+            if t.shape[:1] != (rows,):
+                raise TransformError(
+                    f"transform output '{name}' has shape {tuple(t.shape)}; leading dim must be "
+                    f"{rows}"
+                )
+        return dict(out)
 
     def end_cycle(self, cycle: int) -> None:
         hook = getattr(self.transform, "end_cycle", None)
@@ -166,4 +197,13 @@ def describe(batch: Mapping[str, Any]) -> str:
     )
 
 
-__all__ = ["Batch", "BatchContext", "BatchSource", "BatchTransform", "ShardSource", "describe"]
+__all__ = [
+    "Batch",
+    "BatchContext",
+    "BatchSource",
+    "BatchTransform",
+    "Chunk",
+    "ShardSource",
+    "describe",
+    "split_chunk",
+]

@@ -106,8 +106,8 @@ class FeedClient:
         rank: int,
         spec: DataSpec,
         device: torch.device | str = "cpu",
-        prefetch: int = 32,
-        prefetch_bytes: int = 256 << 20,
+        prefetch: int = 1024,
+        prefetch_bytes: int = 128 << 20,
         timeout_s: float = 60.0,
         max_message_bytes: int = 1 << 31,
         cleanup_each_cycle: bool = True,
@@ -218,15 +218,14 @@ class FeedClient:
 
     def _receive(self, timeout_s: float) -> bool:
         """Move one message from the socket into ``_items`` (staging batches); False on timeout."""
-        assert self._sock is not None
-        if timeout_s > 0 and not self._sock.poll(int(timeout_s * 1000)):
-            return False
-        try:
-            frames = self._sock.recv_multipart(
-                flags=0 if timeout_s > 0 else zmq.NOBLOCK, copy=False
-            )
+        sock = self._sock
+        assert sock is not None
+        try:  # what has already arrived needs no poll (a poll costs more than the receive)
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            return False
+            if timeout_s <= 0 or not sock.poll(int(timeout_s * 1000)):
+                return False
+            frames = sock.recv_multipart(copy=False)
         try:
             msg = P.decode(frames, max_bytes=self.max_message_bytes)
         except ProtocolError as exc:
@@ -382,28 +381,28 @@ class FeedClient:
             if not 1 <= count <= cycle.num_batches - b:
                 raise ProtocolError(f"{self._where()}: batch count {count} is invalid at {b}")
             tensors = self._ready(staged)
-            if not self._sized:
-                self._size_window(
-                    sum(t.numel() * t.element_size() for t in tensors.values()) // count
-                )
             for name, t in tensors.items():
                 if t.dim() == 0 or t.shape[0] != count * bsz:
                     raise ProtocolError(
                         f"{self._where()}: tensor '{name}' has shape {list(t.shape)}; a message "
                         f"of {count} batches needs leading dim {count * bsz}"
                     )
-            for i in range(count):
-                batch = (
-                    tensors
-                    if count == 1
-                    else {k: t[i * bsz : (i + 1) * bsz] for k, t in tensors.items()}
-                )
+            batch_bytes = sum(t.numel() * t.element_size() for t in tensors.values()) // count
+            if not self._sized:
+                self._size_window(batch_bytes)
+            if count == 1:
+                batches: Any = (tensors,)
+            else:  # one split per tensor (views), not one slice per batch and tensor
+                names = list(tensors)
+                parts = [t.split(bsz) for t in tensors.values()]
+                batches = (dict(zip(names, ts, strict=True)) for ts in zip(*parts, strict=True))
+            for batch in batches:
                 b += 1
                 self._cursor = (cycle.index, b)
                 self._credit(1)
                 self.stats.batches += 1
                 self.stats.samples += bsz
-                self.stats.bytes += sum(t.numel() * t.element_size() for t in batch.values())
+                self.stats.bytes += batch_bytes
                 yield batch
         kind, header = self._take(f"end of cycle {cycle.index}")
         if kind != P.CYCLE_END:

@@ -306,6 +306,24 @@ def test_shard_source_serves_the_reference_rows(ds10: Path, shuffle: bool) -> No
             assert all(bt["input_ids"].dtype == np.int32 for bt in batches)
 
 
+@pytest.mark.parametrize("shuffle", [False, True], ids=["ordered", "shuffled"])
+def test_chunks_hold_the_same_bytes_as_batches_whatever_their_size(
+    ds10: Path, shuffle: bool
+) -> None:
+    """The producer gathers a message's worth of batches at once: same rows, same order."""
+    spec = make_spec(b=3, s=10, s0=7, shuffle=shuffle, seed=4, world=2)
+    source = make_source(ds10, spec, 1)
+    for k in range(4):
+        want = list(source.iter_batches(k, 0))
+        for size in (1, 2, 3, 100):
+            chunks = list(source.iter_chunks(k, 1, size))
+            assert all(1 <= n <= size for n, _ in chunks)
+            assert sum(n for n, _ in chunks) == len(want) - 1
+            for name in ("input_ids", "sample_idx"):
+                got = np.concatenate([c[name] for _, c in chunks])
+                np.testing.assert_array_equal(got, np.concatenate([w[name] for w in want[1:]]))
+
+
 def test_shard_source_is_deterministic_and_resumable(ds10: Path) -> None:
     spec = make_spec(b=2, s=9, shuffle=True, seed=1, world=2)
     first = collect(make_source(ds10, spec, 1), 3)

@@ -650,6 +650,28 @@ def test_consecutive_batches_are_packed_per_message() -> None:
         [("batch", 1, 0)],
         [("error", 1, 1)],
     ]
-    auto = SimpleNamespace(pack=4, _auto_pack=True)  # 200 KiB batches: one per 256 KiB message
-    big = [Ready("batch", 0, j, nbytes=200 * 1024) for j in range(3)]
+    auto = SimpleNamespace(pack=4, _auto_pack=True)  # 3 MiB batches: one per ~4 MiB message
+    big = [Ready("batch", 0, j, nbytes=3 << 20) for j in range(3)]
     assert [len(g) for g in ProducerServer._groups(auto, big)] == [1, 1, 1]  # type: ignore[arg-type]
+    auto = SimpleNamespace(pack=64, _auto_pack=True)  # 1 MiB batches: four per message
+    small = [Ready("batch", 0, j, nbytes=1 << 20) for j in range(6)]
+    assert [len(g) for g in ProducerServer._groups(auto, small)] == [4, 2]  # type: ignore[arg-type]
+
+
+def test_chunks_are_split_to_the_message_size_and_stacked_up_to_it() -> None:
+    """A prefetched chunk larger than ``pack`` leaves as views; small chunks share a message."""
+    from types import SimpleNamespace
+
+    from producer.ahead import Ready
+
+    rows = np.arange(10 * 4).reshape(10, 4)
+    chunk = Ready("batch", 0, 0, {"x": rows}, nbytes=rows.nbytes, count=5)  # 5 batches of 2
+    server = SimpleNamespace(pack=2, _auto_pack=False)
+    groups = ProducerServer._groups(server, [chunk])  # type: ignore[arg-type]
+    assert [[(g.batch, g.count) for g in grp] for grp in groups] == [[(0, 2)], [(2, 2)], [(4, 1)]]
+    pieces = [g.data["x"] for grp in groups for g in grp]
+    assert all(np.shares_memory(p, rows) for p in pieces)  # views, not copies
+    np.testing.assert_array_equal(np.concatenate(pieces), rows)
+    ones = [Ready("batch", 0, j, {"x": rows[2 * j : 2 * j + 2]}, nbytes=32) for j in (0, 1)]
+    groups = ProducerServer._groups(server, ones)  # type: ignore[arg-type]
+    assert [[g.batch for g in grp] for grp in groups] == [[0, 1]]

@@ -213,6 +213,25 @@ def test_gather_crosses_chunk_boundaries(tmp_path: Path, fmt: str) -> None:
         np.testing.assert_array_equal(got["sample_idx"], rows)
 
 
+@pytest.mark.parametrize("fmt", ["arrow-stream", "save_to_disk-3-shards", "parquet"])
+def test_consecutive_rows_of_one_chunk_are_served_without_a_copy(tmp_path: Path, fmt: str) -> None:
+    """Unshuffled order: a run inside one chunk is a view of the mapping, the same bytes as a
+    gather; a run across a chunk boundary, or any other order, is gathered (copied)."""
+    path = FORMATS[fmt](tmp_path)
+    shard = load_shard(path, rank=0, world_size=1, columns=["input_ids"])
+    col = shard.columns["input_ids"]
+    first = len(col.chunks[0])
+    inside = np.arange(0, first)
+    cases = [(inside, True), (inside[::-1].copy(), False)]
+    if len(col.chunks) > 1:  # (Parquet is decoded into one chunk)
+        cases.append((np.arange(first - 1, first + 1), False))
+    for rows, shared in cases:
+        got = col.gather(rows)
+        np.testing.assert_array_equal(got, tokens(rows))
+        assert np.shares_memory(got, col.chunks[0]) == shared
+        assert not (shared and got.flags.writeable)
+
+
 def test_rank_slice_starting_inside_a_chunk(tmp_path: Path) -> None:
     # 11 rows in chunks of 3 for 3 ranks: rank 1 is rows 4..7, starting mid-chunk.
     path = write_stream(tmp_path / "d.arrow", token_table(0, 11), chunk=3)
