@@ -141,6 +141,67 @@ def self_report() -> dict[str, Any]:
     }
 
 
+class ThreadCpu:
+    """Samples the per-thread CPU time of running processes from ``/proc`` every 20 ms, so a
+    report can say which thread spent the time in a window of the run (the producer's
+    regeneration thread, either side's ZeroMQ I/O thread, the main loops)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        #: (wall time, {(side, tid): (thread name, CPU ticks)})
+        self.series: list[tuple[float, dict[tuple[str, int], tuple[str, int]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        snap: dict[tuple[str, int], tuple[str, int]] = {}
+        for side, pid in self.pids.items():
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+                    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1]
+                except OSError:
+                    continue
+                utime, stime = (int(x) for x in fields.split()[11:13])
+                snap[(side, int(tid))] = ("main" if int(tid) == pid else name, utime + stime)
+        self.series.append((time.time(), snap))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, t0: float, t1: float) -> dict[str, dict[str, float]]:
+        """``side -> thread name -> CPU seconds`` spent between wall times ``t0`` and ``t1``
+        (to the nearest samples outside the window; a thread that ended inside it counts to its
+        last sample; threads of one name summed)."""
+        start: dict[tuple[str, int], int] = {}
+        end: dict[tuple[str, int], tuple[str, int]] = {}
+        for t, snap in self.series:
+            if t <= t0:
+                start.update((key, ticks) for key, (_, ticks) in snap.items())
+                continue
+            end.update(snap)  # the latest value of every thread seen so far
+            if t >= t1:
+                break
+        hz = os.sysconf("SC_CLK_TCK")
+        out: dict[str, dict[str, float]] = {}
+        for key, (name, ticks) in end.items():
+            spent = ticks - start.get(key, 0)
+            if spent > 0:
+                per = out.setdefault(key[0], {})
+                per[name] = per.get(name, 0.0) + spent / hz
+        return out
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -240,6 +301,7 @@ __all__ = [
     "MiB",
     "Proc",
     "REPO",
+    "ThreadCpu",
     "Workdir",
     "child_env",
     "fmt_bytes",

@@ -65,10 +65,12 @@ def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
     wait_at_last_step = feed.stats.wait_s
     stop = False
     for cycle in feed.cycles(args.cycles):
+        wall_start = time.time()  # wall clock: lines up with /proc samples taken outside
         wait0 = feed.stats.wait_s
         bytes0 = feed.stats.bytes
         n = 0
         boundary_s = boundary_wait = float("nan")
+        wait_first = feed.stats.wait_s
         marks: list[tuple[int, float, int]] = []
         timed = args.block > 0 and len(cycles) >= args.warmup
         for batch in cycle:
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
             if n == 0:
                 boundary_s = now - t_last_step
                 boundary_wait = feed.stats.wait_s - wait_at_last_step
+                wait_first = feed.stats.wait_s
             if timed and n % args.block == 0:
                 marks.append((n, now, feed.stats.bytes))
             if args.step_s:
@@ -95,11 +98,15 @@ def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
         cycles.append(
             {
                 "cycle": cycle.index,
+                "wall_start": wall_start,
+                "wall_end": time.time(),
                 "batches": n,
                 "samples": n * spec.batch_size,
                 "bytes": feed.stats.bytes - bytes0,
                 "seconds": t_end - t_prev,
                 "wait_s": feed.stats.wait_s - wait0,
+                # after the first batch arrived (the boundary's wait is not counted again)
+                "in_cycle_wait_s": feed.stats.wait_s - wait_first,
                 "boundary_s": boundary_s,
                 "boundary_feed_wait_s": boundary_wait,
                 "regen_s": cycle.regen_s,

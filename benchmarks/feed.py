@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Proc, Workdir, py, read_report
+from benchmarks.common import Proc, ThreadCpu, Workdir, py, read_report
 from benchmarks.settings import BATCH
 
 
@@ -18,6 +18,8 @@ class FeedResult:
     consumer: dict[str, Any]
     producer: dict[str, Any]
     profiles: dict[str, Path]
+    #: ``side -> thread -> CPU seconds`` over the timed cycles (``run_feed(thread_cpu=True)``)
+    threads: dict[str, dict[str, float]] | None = None
 
     def timed_cycles(self) -> list[dict[str, Any]]:
         """Complete cycles after the warm-up."""
@@ -99,6 +101,7 @@ def run_feed(
     profile: bool = False,
     timeout_s: float = 300.0,
     producer_codes: Sequence[int] = (0,),
+    thread_cpu: bool = False,
 ) -> FeedResult:
     """Start ``benchmarks.producer_runner`` and ``benchmarks.consumer``; wait for both."""
     ov = overrides(
@@ -145,17 +148,24 @@ def run_feed(
     consumer = Proc(
         _wrap([*c_cmd, "--", *ov], profiles.get("trainer")), log=work.path(f"{name}-c.log")
     )
+    sampler = ThreadCpu({"producer": producer.pid, "trainer": consumer.pid}) if thread_cpu else None
     try:
         c_code = consumer.wait(timeout_s)
         p_code = producer.wait(30)
     finally:
+        if sampler:
+            sampler.stop()
         consumer.kill()
         producer.kill()
     if c_code != 0 or not c_report.is_file():
         raise RuntimeError(f"{name}: consumer failed ({c_code}):\n{consumer.tail()}")
     if p_code not in producer_codes or not p_report.is_file():
         raise RuntimeError(f"{name}: producer failed ({p_code}):\n{producer.tail()}")
-    return FeedResult(read_report(c_report), read_report(p_report), profiles)
+    result = FeedResult(read_report(c_report), read_report(p_report), profiles)
+    timed = result.timed_cycles()
+    if sampler and timed:
+        result.threads = sampler.between(timed[0]["wall_start"], timed[-1]["wall_end"])
+    return result
 
 
 __all__ = ["FeedResult", "overrides", "profiler", "run_feed"]

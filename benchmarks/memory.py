@@ -1,8 +1,9 @@
 """Memory: peak RSS of the producer and the trainer for a small and a large cycle size ``S``.
 
-Shuffled (64, 128) token batches. At the small ``S`` three whole cycles are served, at the
-large ``S`` one (with prepare_ahead the producer has built into the next cycle by its end, so
-two permutations are alive at the peak). Two numbers per process:
+Shuffled (64, 128) token batches. Both runs serve the same number of samples (one cycle of the
+large ``S``; about a hundred cycles of the small one), so they touch the same shard rows and
+only ``S`` differs (with prepare_ahead the producer has built into the next cycle by the end,
+so two permutations are alive at the peak). Two numbers per process:
 
 * ``VmHWM`` - the kernel's peak resident set, which includes memory-mapped dataset pages: those
   grow with the number of distinct shard rows touched (bounded by the shard's size) and are
@@ -27,9 +28,8 @@ PERM_BYTES_PER_SAMPLE = 8  # one int64 permutation entry per sample of a cycle
 
 
 def _feed(work: Workdir, data: dict[str, Path], samples: int, cycles: int) -> dict[str, Any]:
-    # Whole cycles only (early versions could hang or abort a producer when the trainer left
-    # mid-cycle; fixed, see README findings), and the peak must include the next cycle's
-    # permutation, which prepare_ahead builds while the current cycle is still being served.
+    # Whole cycles only, and the peak must include the next cycle's permutation, which
+    # prepare_ahead builds while the current cycle is still being served.
     n = samples // BATCH
     res = run_feed(
         work,
@@ -79,8 +79,11 @@ def run(
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     small, large = settings.memory_samples
-    progress(f"memory lensfeed S={small}")
-    r_small = _feed(work, data, small, 3)
+    # The same samples served at both sizes: a memory-mapped row that is touched is resident, so
+    # serving fewer samples at the small S would credit it with the pages it never read.
+    small_cycles = -(-large // (small // BATCH * BATCH))
+    progress(f"memory lensfeed S={small} x {small_cycles} cycles")
+    r_small = _feed(work, data, small, small_cycles)
     progress(f"memory lensfeed S={large}")
     r_large = _feed(work, data, large, 1)
     perm = PERM_BYTES_PER_SAMPLE * r_large["samples_per_cycle"]

@@ -119,6 +119,38 @@ def top_self(path: Path, n: int = 8) -> list[tuple[str, float]]:
     return rows
 
 
+def thread_costs(
+    work: Workdir, settings: Settings, data: dict[str, Path], progress: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """CPU per batch of every thread of both processes (``/proc``, no profiler attached), for
+    each case shuffled: where a batch's cost goes when two cores carry the whole pipeline."""
+    out = []
+    for case in CASES:
+        progress(f"thread CPU {case.key}")
+        res, rates, _ = steady_feed(
+            work, f"threads-{case.key}", case, settings, data, shuffle=True, thread_cpu=True
+        )
+        timed = res.timed_cycles()
+        batches = sum(c["batches"] for c in timed)
+        wall = timed[-1]["wall_end"] - timed[0]["wall_start"]
+        threads = {
+            f"{side} {name}": cpu / batches * 1e6
+            for side, per in (res.threads or {}).items()
+            for name, cpu in per.items()
+        }
+        out.append(
+            {
+                "case": case.key,
+                "label": case.label,
+                "batches": batches,
+                "samples_per_s": statistics.median(rates),
+                "wall_us_per_batch": wall / batches * 1e6,
+                "cpu_us_per_batch": threads,
+            }
+        )
+    return out
+
+
 def run(
     work: Workdir,
     settings: Settings,
@@ -136,6 +168,8 @@ def run(
     ]
     tool = profiler()
     protos = [*pending("producer"), *pending("trainer")]
+    if not protos:  # every prototype is in lensfeed now: nothing extra to profile
+        plan = [(key, proto) for key, proto in plan if not proto]
     results: dict[str, Any] = {"profiler": tool, "runs": []}
     for key, proto in plan:
         case = cases[key]
@@ -170,6 +204,7 @@ def run(
             entry["files"][side] = dest.name
             entry.setdefault("top", {})[side] = top_self(dest)
         results["runs"].append(entry)
+    results["threads"] = thread_costs(work, settings, data, progress)
     return results
 
 

@@ -12,10 +12,10 @@ from benchmarks.settings import CASES
 
 METHOD_ORDER = [
     "limit",
+    "limit@msg",
     "limit+malloc",
     "lensfeed",
     "lensfeed+proto",
-    "lensfeed+proto x4",
     "original",
     "dataloader-w0",
     "dataloader-w2",
@@ -44,8 +44,11 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     """``ratios``: this row's median samples/s over the limit's and each baseline's."""
     for r in rows:
         shuffle = r["shuffle"]
+        limit = _find(rows, r["case"], "limit", None)
         ref = {
-            "limit": _find(rows, r["case"], "limit", None),
+            "limit": limit,
+            # the limit at the message size lensfeed sends (= limit when it sends one batch)
+            "limit@msg": _find(rows, r["case"], "limit@msg", None) or limit,
             "limit+malloc": _find(rows, r["case"], "limit+malloc", None),
         }
         for label, method in BASELINES.items():
@@ -67,7 +70,10 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             if r["method"] == method and r["batch_bytes"] >= 512 * KiB:
                 ratio = r["ratios"]["limit"]
                 shuf = "shuffled" if r["shuffle"] else "sequential"
-                vals.append((ratio, f"{r['case']} {shuf} {ratio:.2f}x"))
+                same = r["ratios"].get("limit@msg")
+                msg = r.get("samples_per_message", 64) // 64
+                extra = f" ({same:.2f}x limit@msg, {msg} batches/msg)" if msg > 1 and same else ""
+                vals.append((ratio, f"{r['case']} {shuf} {ratio:.2f}x{extra}"))
         if not vals:
             return None
         worst = min(v for v, _ in vals)
@@ -151,10 +157,9 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "ok": ok,
                 "prototypes": None,
                 "prototypes_ok": None,
-                "note": f"private memory (peak RssAnon): {anon}: "
-                + ("within" if anon_ok else "NOT within")
-                + " the same limit; the VmHWM growth is memory-mapped dataset pages "
-                "(clean page cache, bounded by the shard size)",
+                "note": "both runs serve the same samples (the small S over many cycles), so "
+                "they map the same dataset pages; private memory (peak RssAnon): "
+                f"{anon}: " + ("within" if anon_ok else "NOT within") + " the same limit",
             }
         )
     return out
@@ -194,6 +199,35 @@ def _machine_md(m: dict[str, Any]) -> list[str]:
     ]
 
 
+def _thread_table(runs: list[dict[str, Any]]) -> list[str]:
+    """CPU microseconds per batch per thread, one column per case (shuffled)."""
+    names = sorted({n for r in runs for n in r["cpu_us_per_batch"]})
+    lines = [
+        "",
+        "#### Where a batch's CPU goes (per thread, shuffled)",
+        "",
+        "CPU microseconds per batch of each thread over the timed (steady-state) cycle, from "
+        "`/proc/<pid>/task/*/stat` sampled every 20 ms with no profiler attached. Two cores "
+        "carry both processes, so a batch cannot take less wall time than about sum / 2, "
+        "whichever thread the CPU is spent in.",
+        "",
+        "| thread | " + " | ".join(r["case"] for r in runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    for n in names:
+        cells = [f"{r['cpu_us_per_batch'].get(n, 0.0):,.0f}" for r in runs]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    total = [sum(r["cpu_us_per_batch"].values()) for r in runs]
+    lines.append("| **sum** | " + " | ".join(f"**{t:,.0f}**" for t in total) + " |")
+    lines.append(
+        "| wall per batch | " + " | ".join(f"{r['wall_us_per_batch']:,.0f}" for r in runs) + " |"
+    )
+    lines.append(
+        "| samples/s (steady) | " + " | ".join(fmt_rate(r["samples_per_s"]) for r in runs) + " |"
+    )
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [
@@ -203,16 +237,21 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "#### Targets",
         "",
-        "| target | measured | pass | with prototypes | note |",
-        "|---|---|---|---|---|",
     ]
+    protos = any(t.get("prototypes") for t in results["targets"])
+    lines += (
+        ["| target | measured | pass | with prototypes | note |", "|---|---|---|---|---|"]
+        if protos
+        else ["| target | measured | pass | note |", "|---|---|---|---|"]
+    )
     for t in results["targets"]:
         proto = "–"
         if t.get("prototypes"):
             proto = f"{t['prototypes']} ({'pass' if t['prototypes_ok'] else 'fail'})"
         lines.append(
-            f"| {t['target']} | {t['value']} | {'**PASS**' if t['ok'] else '**FAIL**'} | {proto} "
-            f"| {t.get('note', '')} |"
+            f"| {t['target']} | {t['value']} | {'**PASS**' if t['ok'] else '**FAIL**'} | "
+            + (f"{proto} | " if protos else "")
+            + f"{t.get('note', '')} |"
         )
     rows = results.get("throughput", [])
     if rows:
@@ -222,12 +261,14 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"Median of {s['repeats']} repeats [min–max]. GB/s counts wire payload (tensor "
             "frames incl. `sample_idx`), identical for every method of a case, so GB/s ratios "
-            "equal samples/s ratios. `lensfeed+proto` = lensfeed with the prototype changes of "
-            "`benchmarks/patches.py`.",
+            "equal samples/s ratios. `limit` sends one batch per message; `limit@msg` sends "
+            "messages of the size lensfeed packs for that batch (`feed.batches_per_message` "
+            "auto), so `x limit@msg` compares like with like. `lensfeed+proto` (when present) "
+            "= lensfeed with the prototype changes of `benchmarks/patches.py`.",
             "",
-            "| payload | order | method | samples/s | GB/s | x limit | x limit+malloc "
-            "| x original | x DL w0 | x DL w2 |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| payload | order | method | samples/s | GB/s | x limit | x limit@msg "
+            "| x limit+malloc | x original | x DL w0 | x DL w2 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         order = {m: i for i, m in enumerate(METHOD_ORDER)}
         case_order = {c.key: i for i, c in enumerate(CASES)}
@@ -243,6 +284,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {r['label']} ({fmt_bytes(r['batch_bytes'])}/batch) | {shuffle} | "
                 f"{r['method']} | {_rate_spread(r['samples_per_s'])} | "
                 f"{_spread(r['gb_per_s'], fmt='{:.3f}')} | {_ratio(rt['limit'])} | "
+                f"{_ratio(rt.get('limit@msg'))} | "
                 f"{_ratio(rt['limit+malloc'])} | {_ratio(rt['original'])} | "
                 f"{_ratio(rt['DL w0'])} | {_ratio(rt['DL w2'])} |"
             )
@@ -283,8 +325,9 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"Shuffled (64, 128) tokens; S = samples per cycle. S={small['samples_per_cycle']:,}:"
             f" {small['batches_consumed']} batches consumed; S={large['samples_per_cycle']:,}: "
-            f"{large['batches_consumed']} batches. VmHWM includes memory-mapped dataset pages "
-            "(shared page cache, grows with distinct rows touched, bounded by the shard); "
+            f"{large['batches_consumed']} batches: the same samples, so both runs touch the same "
+            "shard rows. VmHWM includes memory-mapped dataset pages (shared, clean page cache: "
+            "it grows with the distinct rows touched, up to the shard's size, whatever S is); "
             "RssAnon is private memory (sampled peak). One cycle's permutation at the large S: "
             f"{fmt_bytes(mem['permutation_bytes'])}.",
             "",
@@ -315,6 +358,8 @@ def markdown(results: dict[str, Any]) -> str:
             for side, top in run.get("top", {}).items():
                 hot = ", ".join(f"{name} {pct:.0f}%" for name, pct in top[:5])
                 lines.append(f"- **{run['name']} / {side}** (`{run['files'][side]}`): {hot}")
+    if prof and prof.get("threads"):
+        lines += _thread_table(prof["threads"])
     gpu = results.get("gpu")
     if gpu is not None:
         lines += ["", "#### GPU", ""]

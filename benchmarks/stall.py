@@ -45,7 +45,7 @@ def _variants(settings: Settings) -> list[dict[str, Any]]:
             "patches": [],
         },
     ]
-    if settings.prototypes:
+    if settings.prototypes and pending("trainer"):
         out.append(
             {
                 "name": "lensfeed prepare_ahead + prototypes ("
@@ -107,9 +107,7 @@ def run(
                 "boundary_over_regen": summarize(
                     [b / r for b, r in zip(boundary, [c["regen_s"] for c in later], strict=True)]
                 ),
-                "wait_in_cycle_s": summarize(
-                    [c["wait_s"] - c["boundary_feed_wait_s"] for c in later]
-                ),
+                "wait_in_cycle_s": summarize([c["in_cycle_wait_s"] for c in later]),
                 "wall_s": res.consumer["wall_s"],
                 "patches": v["patches"],
             }

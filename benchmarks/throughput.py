@@ -14,6 +14,7 @@ from benchmarks.common import GB, Proc, Workdir, py, read_report, summarize
 from benchmarks.feed import FeedResult, run_feed
 from benchmarks.patches import pending
 from benchmarks.settings import BATCH, CASES, Case, Settings
+from producer.server import auto_batches_per_message
 
 log = logging.getLogger("benchmarks")
 
@@ -33,13 +34,21 @@ def _row(
     }
 
 
+def message_batches(case: Case) -> int:
+    """Batches per message lensfeed sends for ``case`` (auto packing; the activation cases
+    come from a transform, so the producer packs by the first batch's size, the same rule)."""
+    return auto_batches_per_message(case.batch_bytes)
+
+
 def measure_limit(
-    work: Workdir, case: Case, settings: Settings, *, tuned: bool = False
+    work: Workdir, case: Case, settings: Settings, *, tuned: bool = False, pack: int = 1
 ) -> dict[str, Any]:
-    """Raw pyzmq PUSH -> PULL of ``case.batch_bytes`` messages, one round per repeat
-    (``tuned``: the receiver keeps large blocks in the heap, see ``patches.tune_malloc``)."""
-    count = settings.batches_per_cycle(case)
-    name = f"limit{'-tuned' if tuned else ''}-{case.key}"
+    """Raw pyzmq PUSH -> PULL of ``pack * case.batch_bytes`` messages, one round per repeat
+    (``tuned``: the receiver keeps large blocks in the heap, see ``patches.tune_malloc``;
+    ``pack`` > 1: the limit at the message size lensfeed actually sends, ``limit@msg``)."""
+    count = max(1, settings.batches_per_cycle(case) // pack)
+    method = "limit+malloc" if tuned else ("limit@msg" if pack > 1 else "limit")
+    name = f"{method.replace('+', '-').replace('@', '-')}-{case.key}"
     endpoint = work.endpoint(name)
     report = work.path(f"{name}.json")
     rounds = settings.repeats + 1
@@ -50,7 +59,7 @@ def measure_limit(
         log=work.path(f"{name}-recv.log"),
     )
     send = Proc(
-        py("benchmarks.limit", "send", *common, "--nbytes", str(case.batch_bytes)),
+        py("benchmarks.limit", "send", *common, "--nbytes", str(pack * case.batch_bytes)),
         log=work.path(f"{name}-send.log"),
     )
     try:
@@ -61,8 +70,10 @@ def measure_limit(
         recv.kill()
         send.kill()
     r = read_report(report)
-    rates = [count * BATCH / t for t in r["round_s"]]
-    return _row(case, "limit+malloc" if tuned else "limit", None, rates, batches_per_repeat=count)
+    rates = [count * pack * BATCH / t for t in r["round_s"]]
+    return _row(
+        case, method, None, rates, batches_per_repeat=count * pack, samples_per_message=pack * BATCH
+    )
 
 
 def steady_feed(
@@ -75,15 +86,14 @@ def steady_feed(
     shuffle: bool,
     prototype: bool = False,
     profile: bool = False,
-    coalesce: int = 1,
+    thread_cpu: bool = False,
 ) -> tuple[FeedResult, list[float], int]:
     """Producer process -> FeedClient process: a warm-up cycle of ``n`` batches, then one cycle
     of ``repeats * n + 1`` batches timed in blocks of ``n`` (one block per repeat), so each
-    repeat is steady-state streaming like a raw-limit round. ``coalesce`` > 1 serves batches of
-    ``coalesce * 64`` samples: the same bytes per repeat in fewer, larger messages. Returns the
-    result, samples/s per block and ``n``."""
-    batch = BATCH * coalesce
-    n = max(1, settings.batches_per_cycle(case) // coalesce)
+    repeat is steady-state streaming like a raw-limit round. Returns the result, samples/s per
+    block and ``n``."""
+    batch = BATCH
+    n = settings.batches_per_cycle(case)
     res = run_feed(
         work,
         name,
@@ -99,6 +109,7 @@ def steady_feed(
         producer_patches=pending("producer") if prototype else (),
         consumer_patches=pending("trainer") if prototype else (),
         profile=profile,
+        thread_cpu=thread_cpu,
     )
     blocks = res.blocks()
     assert len(blocks) == settings.repeats, blocks
@@ -115,14 +126,11 @@ def measure_lensfeed(
     *,
     shuffle: bool,
     prototype: bool = False,
-    coalesce: int = 1,
 ) -> dict[str, Any]:
-    method = ("lensfeed+proto" if prototype else "lensfeed") + (
-        f" x{coalesce}" if coalesce > 1 else ""
-    )
-    name = f"{method.replace('+', '-').replace(' ', '')}-{case.key}-{'shuf' if shuffle else 'seq'}"
+    method = "lensfeed+proto" if prototype else "lensfeed"
+    name = f"{method.replace('+', '-')}-{case.key}-{'shuf' if shuffle else 'seq'}"
     res, rates, n = steady_feed(
-        work, name, case, settings, data, shuffle=shuffle, prototype=prototype, coalesce=coalesce
+        work, name, case, settings, data, shuffle=shuffle, prototype=prototype
     )
     timed = res.timed_cycles()[0]
     return _row(
@@ -131,7 +139,7 @@ def measure_lensfeed(
         shuffle,
         rates,
         batches_per_repeat=n,
-        samples_per_message=BATCH * coalesce,
+        samples_per_message=BATCH * message_batches(case),
         # The whole timed cycle, its boundary (NEXT_CYCLE handshake, cleanup) included.
         cycle_samples_per_s=timed["samples"] / timed["seconds"],
         boundary_s=timed["boundary_s"],
@@ -192,10 +200,16 @@ def run(
     progress: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    # Prototype rows only while benchmarks.patches holds changes lensfeed lacks.
+    protos = settings.prototypes and bool(pending("producer") or pending("trainer"))
     for case in CASES:
         progress(f"limit {case.key}")
         limit = measure_limit(work, case, settings)
         rows.append(limit)
+        pack = message_batches(case)
+        if pack > 1:
+            progress(f"limit@msg {case.key} ({pack} batches per message)")
+            rows.append(measure_limit(work, case, settings, pack=pack))
         if settings.prototypes:
             progress(f"limit+malloc {case.key}")
             rows.append(measure_limit(work, case, settings, tuned=True))
@@ -203,17 +217,10 @@ def run(
             s = "shuffled" if shuffle else "sequential"
             progress(f"lensfeed {case.key} {s}")
             rows.append(measure_lensfeed(work, case, settings, data, shuffle=shuffle))
-            if settings.prototypes:
+            if protos:
                 progress(f"lensfeed+prototypes {case.key} {s}")
                 rows.append(
                     measure_lensfeed(work, case, settings, data, shuffle=shuffle, prototype=True)
-                )
-            if settings.prototypes and case.key == "tok128":
-                progress(f"lensfeed+prototypes x4 {case.key} {s}")
-                rows.append(
-                    measure_lensfeed(
-                        work, case, settings, data, shuffle=shuffle, prototype=True, coalesce=4
-                    )
                 )
             if case.tokens:
                 progress(f"original {case.key} {s}")
@@ -229,7 +236,14 @@ def run(
         again = measure_limit(work, case, settings)
         pooled = limit["samples_per_s"]["values"] + again["samples_per_s"]["values"]
         limit.update(
-            _row(case, "limit", None, pooled, batches_per_repeat=limit["batches_per_repeat"])
+            _row(
+                case,
+                "limit",
+                None,
+                pooled,
+                batches_per_repeat=limit["batches_per_repeat"],
+                samples_per_message=BATCH,
+            )
         )
     return rows
 

@@ -31,10 +31,12 @@ _AUTO_MESSAGE_BYTES = 4 << 20
 _AUTO_MAX_PACK = 64
 
 
-def _auto_pack(batch_nbytes: int) -> int:
-    """Batches per message for ``batch_nbytes`` batches: ~``_AUTO_MESSAGE_BYTES`` (rounded to
-    the nearest count, so 512 KiB token batches plus their ``sample_idx`` pack 8, not 7)."""
-    return (_AUTO_MESSAGE_BYTES + batch_nbytes // 2) // max(1, batch_nbytes)
+def auto_batches_per_message(batch_nbytes: int) -> int:
+    """What ``feed.batches_per_message: 0`` packs for batches of ``batch_nbytes``: about
+    ``_AUTO_MESSAGE_BYTES`` (the nearest count, so 512 KiB token batches plus their
+    ``sample_idx`` pack 8, not 7), at most ``_AUTO_MAX_PACK``, at least 1."""
+    n = (_AUTO_MESSAGE_BYTES + batch_nbytes // 2) // max(1, batch_nbytes)
+    return max(1, min(_AUTO_MAX_PACK, n))
 
 
 def bind_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -120,6 +122,7 @@ class ProducerServer:
         self.last_peer: bytes | None = None  # a dropped session may still say goodbye
         self.pack = 1  # most training batches per message for this session
         self._auto_pack = False  # size ``pack`` from the first batch of the session
+        self._first_alone = False  # send the next batch in a message of its own
         self.credits = 0
         self.seq = 0
         self.serving: int | None = None  # cycle being sent
@@ -135,7 +138,7 @@ class ProducerServer:
             return self.feed.batches_per_message
         if batch_nbytes <= 0:
             return 1
-        return max(1, min(_AUTO_MAX_PACK, _auto_pack(batch_nbytes)))
+        return auto_batches_per_message(batch_nbytes)
 
     def stop(self) -> None:
         """Ask :meth:`serve` to return 0 at its next tick (used by in-process fakes)."""
@@ -202,8 +205,17 @@ class ProducerServer:
                 continue
             if self._auto_pack and item.nbytes:
                 per_batch = max(1, item.nbytes // item.count)
-                self.pack = max(1, min(self.pack, _auto_pack(per_batch)))
+                self.pack = min(self.pack, auto_batches_per_message(per_batch))
                 self._auto_pack = False
+            if self._first_alone:  # the trainer is waiting: its first batch goes out at once
+                self._first_alone = False
+                if item.count > 1:
+                    head, item = item.split(1)
+                    out.append([head])
+                else:
+                    out.append([item])
+                    packed = self.pack  # nothing joins it
+                    continue
             while item.count > self.pack:
                 head, item = item.split(self.pack)
                 out.append([head])
@@ -392,7 +404,16 @@ class ProducerServer:
             "prepared_ahead": prepared,
         }
         self.serving = cycle
+        # A cycle's first batch is what the training loop is blocked on: it travels alone, so
+        # the loop starts while the rest of the cycle follows in full-size messages.
+        self._first_alone = True
         self._deliver(P.encode(P.CYCLE_START, fields))
 
 
-__all__ = ["ProducerServer", "bind_socket", "linger_with_error", "send_error"]
+__all__ = [
+    "ProducerServer",
+    "auto_batches_per_message",
+    "bind_socket",
+    "linger_with_error",
+    "send_error",
+]

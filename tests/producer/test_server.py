@@ -641,7 +641,7 @@ def test_consecutive_batches_are_packed_per_message() -> None:
 
     items = [Ready("batch", 0, j, nbytes=10) for j in range(4)] + [Ready("end", 0)]
     items += [Ready("batch", 1, 0, nbytes=10), Ready("error", 1, 1)]
-    server = SimpleNamespace(pack=3, _auto_pack=False)
+    server = SimpleNamespace(pack=3, _auto_pack=False, _first_alone=False)
     groups = ProducerServer._groups(server, items)  # type: ignore[arg-type]
     assert [[(g.kind, g.cycle, g.batch) for g in grp] for grp in groups] == [
         [("batch", 0, 0), ("batch", 0, 1), ("batch", 0, 2)],
@@ -650,10 +650,12 @@ def test_consecutive_batches_are_packed_per_message() -> None:
         [("batch", 1, 0)],
         [("error", 1, 1)],
     ]
-    auto = SimpleNamespace(pack=4, _auto_pack=True)  # 3 MiB batches: one per ~4 MiB message
+    # 3 MiB batches: one per ~4 MiB message
+    auto = SimpleNamespace(pack=4, _auto_pack=True, _first_alone=False)
     big = [Ready("batch", 0, j, nbytes=3 << 20) for j in range(3)]
     assert [len(g) for g in ProducerServer._groups(auto, big)] == [1, 1, 1]  # type: ignore[arg-type]
-    auto = SimpleNamespace(pack=64, _auto_pack=True)  # 1 MiB batches: four per message
+    # 1 MiB batches: four per message
+    auto = SimpleNamespace(pack=64, _auto_pack=True, _first_alone=False)
     small = [Ready("batch", 0, j, nbytes=1 << 20) for j in range(6)]
     assert [len(g) for g in ProducerServer._groups(auto, small)] == [4, 2]  # type: ignore[arg-type]
 
@@ -666,7 +668,7 @@ def test_chunks_are_split_to_the_message_size_and_stacked_up_to_it() -> None:
 
     rows = np.arange(10 * 4).reshape(10, 4)
     chunk = Ready("batch", 0, 0, {"x": rows}, nbytes=rows.nbytes, count=5)  # 5 batches of 2
-    server = SimpleNamespace(pack=2, _auto_pack=False)
+    server = SimpleNamespace(pack=2, _auto_pack=False, _first_alone=False)
     groups = ProducerServer._groups(server, [chunk])  # type: ignore[arg-type]
     assert [[(g.batch, g.count) for g in grp] for grp in groups] == [[(0, 2)], [(2, 2)], [(4, 1)]]
     pieces = [g.data["x"] for grp in groups for g in grp]
@@ -675,3 +677,21 @@ def test_chunks_are_split_to_the_message_size_and_stacked_up_to_it() -> None:
     ones = [Ready("batch", 0, j, {"x": rows[2 * j : 2 * j + 2]}, nbytes=32) for j in (0, 1)]
     groups = ProducerServer._groups(server, ones)  # type: ignore[arg-type]
     assert [[g.batch for g in grp] for grp in groups] == [[0, 1]]
+
+
+def test_a_cycles_first_batch_travels_alone() -> None:
+    """Right after NEXT_CYCLE the loop is blocked on batch 0: it is not held for a full pack."""
+    from types import SimpleNamespace
+
+    from producer.ahead import Ready
+
+    rows = np.arange(8 * 2).reshape(8, 2)
+    chunk = Ready("batch", 3, 0, {"x": rows}, nbytes=rows.nbytes, count=8)
+    server = SimpleNamespace(pack=4, _auto_pack=False, _first_alone=True)
+    groups = ProducerServer._groups(server, [chunk])  # type: ignore[arg-type]
+    assert [[(g.batch, g.count) for g in grp] for grp in groups] == [[(0, 1)], [(1, 4)], [(5, 3)]]
+    assert server._first_alone is False
+    server._first_alone = True
+    ones = [Ready("batch", 3, j, {"x": rows[2 * j : 2 * j + 2]}, nbytes=16) for j in range(3)]
+    groups = ProducerServer._groups(server, ones)  # type: ignore[arg-type]
+    assert [[g.batch for g in grp] for grp in groups] == [[0], [1, 2]]
