@@ -33,6 +33,8 @@ class Ready:
     regen_s: float = 0.0
     error: BaseException | None = None
     count: int = 1
+    #: a piece of a split chunk: it already had message size, so it is never stacked again
+    fragment: bool = False
 
     def split(self, k: int) -> tuple[Ready, Ready]:
         """The first ``k`` batches and the rest, as views of the same arrays."""
@@ -43,7 +45,7 @@ class Ready:
         tail = {name: a[rows:] for name, a in self.data.items()}
         nb = self.nbytes * k // self.count
         return (
-            Ready("batch", self.cycle, self.batch, head, nbytes=nb, count=k),
+            Ready("batch", self.cycle, self.batch, head, nbytes=nb, count=k, fragment=True),
             Ready(
                 "batch",
                 self.cycle,
@@ -51,6 +53,7 @@ class Ready:
                 tail,
                 nbytes=self.nbytes - nb,
                 count=self.count - k,
+                fragment=True,
             ),
         )
 

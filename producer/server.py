@@ -194,7 +194,9 @@ class ProducerServer:
         """Consecutive batches packed up to ``pack`` per message; ends and errors travel alone.
 
         Chunks the prefetcher built at message size go out as they are; larger ones are split
-        (views) and smaller ones stacked (a copy, only when a transform makes small chunks).
+        (views). Small whole chunks (one batch each, from a transform) are stacked, a copy that
+        saves a message each; pieces of a split chunk never are, since copying a message's
+        worth of bytes costs more than the message it would save.
         """
         out: list[list[Ready]] = []
         packed = 0  # batches in out[-1]
@@ -226,6 +228,7 @@ class ProducerServer:
                 and last[0].kind == "batch"
                 and packed + item.count <= self.pack
                 and last[-1].cycle == item.cycle
+                and not (item.fragment or last[-1].fragment)
             ):
                 last.append(item)
                 packed += item.count

@@ -674,6 +674,11 @@ def test_chunks_are_split_to_the_message_size_and_stacked_up_to_it() -> None:
     pieces = [g.data["x"] for grp in groups for g in grp]
     assert all(np.shares_memory(p, rows) for p in pieces)  # views, not copies
     np.testing.assert_array_equal(np.concatenate(pieces), rows)
+    # Pieces of split chunks (the credit cut them) are never stacked back together: a copy.
+    head, tail = chunk.split(3)
+    head_rest, tail_next = Ready("batch", 0, 5, {"x": rows}, nbytes=rows.nbytes, count=5).split(1)
+    groups = ProducerServer._groups(server, [tail, head_rest])  # type: ignore[arg-type]
+    assert [[(g.batch, g.count) for g in grp] for grp in groups] == [[(3, 2)], [(5, 1)]]
     ones = [Ready("batch", 0, j, {"x": rows[2 * j : 2 * j + 2]}, nbytes=32) for j in (0, 1)]
     groups = ProducerServer._groups(server, ones)  # type: ignore[arg-type]
     assert [[g.batch for g in grp] for grp in groups] == [[0, 1]]
