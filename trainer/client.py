@@ -220,12 +220,13 @@ class FeedClient:
         """Move one message from the socket into ``_items`` (staging batches); False on timeout."""
         sock = self._sock
         assert sock is not None
-        try:  # what has already arrived needs no poll (a poll costs more than the receive)
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            if timeout_s <= 0 or not sock.poll(int(timeout_s * 1000)):
-                return False
-            frames = sock.recv_multipart(copy=False)
+        # What has already arrived needs no poll: ZMQ_EVENTS is one C call, where a poll builds a
+        # Poller and a failed non-blocking receive raises.
+        if not sock.get(zmq.EVENTS) & zmq.POLLIN and (
+            timeout_s <= 0 or not sock.poll(int(timeout_s * 1000))
+        ):
+            return False
+        frames = sock.recv_multipart(copy=False)
         try:
             msg = P.decode(frames, max_bytes=self.max_message_bytes)
         except ProtocolError as exc:
