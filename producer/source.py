@@ -50,8 +50,10 @@ class BatchTransform(Protocol):
     """Turns a group of token batches into training tensors.
 
     Called with ``group`` training batches concatenated along dim 0 (fewer at a cycle's end);
-    every returned tensor must keep that leading dimension so it can be split back. Optional
-    methods: ``end_cycle(cycle)`` (release per-cycle memory) and ``close()``.
+    every returned tensor must keep that leading dimension so it can be split back. The input
+    arrays may be read-only views of the memory-mapped dataset (unshuffled order): copy before
+    writing in place. Optional methods: ``end_cycle(cycle)`` (release per-cycle memory) and
+    ``close()``.
     """
 
     group: int
