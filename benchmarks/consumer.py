@@ -33,9 +33,10 @@ import torch
 
 from benchmarks import patches
 from benchmarks.common import AnonSampler, self_report, spend, write_json
-from common.config import DataSpec, LensfeedConfig, load_config
+from common.config import LensfeedConfig, load_config
 from common.logs import setup_logging
 from common.malloc import tune_for_large_messages
+from common.spec import DataSpec
 from trainer.client import FeedClient
 
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from common.config import DataSpec, LensfeedConfig, load_config
+from common.config import LensfeedConfig, load_config
+from common.spec import DataSpec
 from producer.main import build_source
 from trainer.client import FeedClient
 

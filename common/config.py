@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -367,99 +365,8 @@ def shard_size_warnings(*, shard_rows: int, cfg: LensfeedConfig, rank: int) -> l
     return msgs
 
 
-# --------------------------------------------------------------------------- data spec
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Every setting that shapes the batch stream; producer and trainer must agree on all of it.
-
-    Sent in the handshake field by field, so a mismatch error can name both values.
-    """
-
-    dataset: str
-    columns: tuple[str, ...]
-    world_size: int
-    batch_size: int
-    cycle_size: int
-    initial_cycle_size: int
-    seed: int
-    shuffle: bool
-    builder: str = "tokens"
-    builder_args: str = ""
-
-    @classmethod
-    def from_config(cls, cfg: LensfeedConfig) -> DataSpec:
-        act = cfg.activations
-        builder_args = ""
-        if act.builder != "tokens":
-            t = act.tiny
-            tiny = (
-                f",tiny=v{t.vocab_size}/d{t.d_model}/l{t.n_layers}/h{t.n_heads}"
-                f"/s{t.max_seq_len}/seed{t.seed}"
-                if act.model == "tiny"
-                else ""
-            )
-            builder_args = (
-                f"model={act.model},layer={act.layer},pos=[{act.min_pos},{act.max_pos}),"
-                f"dtype={act.dtype},pairs={act.pairs},forward_batch={act.forward_batch_size}" + tiny
-            )
-        return cls(
-            dataset=cfg.dataset.path,
-            columns=tuple(cfg.dataset.columns),
-            world_size=cfg.world_size,
-            batch_size=cfg.batch_size,
-            cycle_size=cfg.cycle_size,
-            initial_cycle_size=cfg.initial_cycle_size,
-            seed=cfg.seed,
-            shuffle=cfg.dataset.on_the_fly.shuffle,
-            builder=act.builder,
-            builder_args=builder_args,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["columns"] = list(self.columns)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) != names:
-            raise ValueError(f"data spec keys {sorted(d)} != expected {sorted(names)}")
-        kw = dict(d)
-        kw["columns"] = tuple(kw["columns"])
-        return cls(**kw)
-
-    def fingerprint(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def differences(self, other: DataSpec) -> list[str]:
-        """Human-readable ``key: ours vs theirs`` lines for each differing field."""
-        a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]]
-
-    def batches_in_cycle(self, cycle: int) -> int:
-        """Every rank's batch count for ``cycle``: S0 // B for cycle 0, S // B after."""
-        size = self.initial_cycle_size if cycle == 0 else self.cycle_size
-        return size // self.batch_size
-
-    def cycle_start(self, cycle: int) -> int:
-        """Stream position (samples already served) at the start of ``cycle``.
-
-        A cycle serves ``batches * B`` samples; the ``S % B`` remainder is not dropped, it is
-        simply where the next cycle starts, so no sample of the stream is ever skipped.
-        """
-        if cycle == 0:
-            return 0
-        b = self.batch_size
-        return (self.initial_cycle_size // b) * b + (cycle - 1) * (self.cycle_size // b) * b
-
-
 __all__ = [
     "ActivationsConfig",
-    "DataSpec",
     "DatasetConfig",
     "add_config_arguments",
     "FakeConfig",

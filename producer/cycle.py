@@ -4,7 +4,7 @@ The rank's samples form one endless *stream* that walks the shard and wraps to r
 runs out (the original ``StopIteration -> reset`` loop). Cycle ``k`` serves the next
 ``batches(k) * B`` stream positions; an ``S % B`` remainder is not dropped, it is where cycle
 ``k + 1`` starts. Because the position of every cycle is a closed formula of ``k`` (see
-:meth:`common.config.DataSpec.cycle_start`), the cursor needs no saved state: any process can
+:meth:`common.spec.DataSpec.cycle_start`), the cursor needs no saved state: any process can
 regenerate any (cycle, batch) bit-for-bit, which is what makes restarts exact.
 
 Shuffling permutes the positions *within* a cycle with a generator seeded by
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.config import DataSpec
+from common.spec import DataSpec
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import zmq
 
-from common.config import DataSpec, FeedConfig, add_config_arguments, load_config
+from common.config import FeedConfig, add_config_arguments, load_config
 from common.env import env_rank
 from common.errors import LensfeedError
 from common.logs import setup_logging
+from common.spec import DataSpec
 from producer.cycle import CycleCursor, CycleInfo
 from producer.server import ProducerServer, bind_socket
 from producer.source import Batch, Chunk

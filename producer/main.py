@@ -10,17 +10,12 @@ from collections.abc import Sequence
 
 import zmq
 
-from common.config import (
-    DataSpec,
-    LensfeedConfig,
-    add_config_arguments,
-    load_config,
-    shard_size_warnings,
-)
+from common.config import LensfeedConfig, add_config_arguments, load_config, shard_size_warnings
 from common.env import env_rank
 from common.errors import LensfeedError
 from common.logs import setup_logging
 from common.malloc import tune_for_large_messages
+from common.spec import DataSpec
 from producer.server import ProducerServer, bind_socket, linger_with_error
 from producer.shard import load_shard
 from producer.source import ShardSource

@@ -16,8 +16,9 @@ import torch
 import zmq
 
 from common import protocol as P
-from common.config import DataSpec, FeedConfig
+from common.config import FeedConfig
 from common.errors import LensfeedError, ProtocolError, StateMismatchError
+from common.spec import DataSpec
 from producer.ahead import Prefetcher, Ready
 from producer.source import BatchSource
 

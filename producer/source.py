@@ -14,8 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from common.config import DataSpec
 from common.errors import LensfeedError, TransformError
+from common.spec import DataSpec
 from producer.cycle import CycleCursor, CycleInfo
 from producer.shard import Shard
 

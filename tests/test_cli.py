@@ -24,8 +24,9 @@ README = REPO / "README.md"
 # --8<-- [start:recipe]
 import torch  # noqa: E402
 
-from common.config import DataSpec, load_config  # noqa: E402
+from common.config import load_config  # noqa: E402
 from common.errors import RemoteError  # noqa: E402
+from common.spec import DataSpec  # noqa: E402
 from producer.fake import FakeProducer  # noqa: E402
 from trainer.client import FeedClient  # noqa: E402
 

@@ -36,7 +36,6 @@ import torch
 import zmq
 
 from common import protocol as P
-from common.config import DataSpec
 from common.errors import (
     LensfeedError,
     ProducerTimeoutError,
@@ -44,6 +43,7 @@ from common.errors import (
     RemoteError,
     StateMismatchError,
 )
+from common.spec import DataSpec
 from trainer.device import Staged, Stager
 
 log = logging.getLogger("lensfeed.trainer")

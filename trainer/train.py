@@ -18,10 +18,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common.config import DataSpec, LensfeedConfig
+from common.config import LensfeedConfig
 from common.env import env_local_rank
 from common.errors import ConfigError, LensfeedError, RankFailedError
 from common.metrics import metrics_file
+from common.spec import DataSpec
 from trainer import checkpoint
 from trainer.client import FeedClient
 from trainer.device import resolve_device

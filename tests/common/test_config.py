@@ -12,14 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import (
-    DataSpec,
-    LensfeedConfig,
-    LensfeedWarning,
-    load_config,
-    shard_size_warnings,
-)
+from common.config import LensfeedConfig, LensfeedWarning, load_config, shard_size_warnings
 from common.errors import ConfigError, LensfeedError
+from common.spec import DataSpec
 from tests._util import REPO
 
 DEMO = REPO / "conf" / "demo.yaml"

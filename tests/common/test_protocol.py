@@ -502,7 +502,7 @@ def test_worked_hello_example_in_the_docs_matches_the_encoder() -> None:
     import json
     import re
 
-    from common.config import DataSpec
+    from common.spec import DataSpec
     from tests._util import REPO
 
     doc = (REPO / "docs" / "protocol.md").read_text()

@@ -12,8 +12,9 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from common.config import DataSpec, LensfeedConfig, load_config
+from common.config import LensfeedConfig, load_config
 from common.errors import ConfigError, TransformError
+from common.spec import DataSpec
 from producer.activations import (
     ActivationBuilder,
     build_transform,

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import DataSpec
 from common.errors import TransformError
+from common.spec import DataSpec
 from producer.cycle import CycleCursor
 from producer.shard import load_shard, rank_slice
 from producer.source import BatchContext, ShardSource

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import DataSpec, FeedConfig, load_config
+from common.config import FeedConfig, load_config
 from common.errors import ProducerTimeoutError, RemoteError
+from common.spec import DataSpec
 from producer.cycle import CycleCursor
 from producer.fake import FakeProducer, FakeSource, InjectedError, _tensor_arg, parser
 from tests._util import ipc_endpoint, python_cmd

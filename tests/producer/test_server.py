@@ -13,8 +13,9 @@ import pytest
 import zmq
 
 from common import protocol as P
-from common.config import DataSpec, FeedConfig, load_config
+from common.config import FeedConfig, load_config
 from common.errors import LensfeedError, RemoteError, ShardError
+from common.spec import DataSpec
 from producer.cycle import CycleCursor
 from producer.fake import FakeProducer
 from producer.main import build_source, parser, run_producer

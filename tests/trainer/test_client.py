@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
-from common.config import DataSpec, FeedConfig, load_config
+from common.config import FeedConfig, load_config
 from common.errors import LensfeedError, ProducerTimeoutError, RemoteError, StateMismatchError
+from common.spec import DataSpec
 from producer.cycle import CycleCursor
 from producer.fake import FakeProducer
 from trainer.client import FeedClient

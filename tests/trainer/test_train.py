@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import DataSpec, load_config
+from common.config import load_config
+from common.spec import DataSpec
 from producer.fake import FakeProducer
 from tests._util import python_cmd
 from trainer.train import run_training
