@@ -14,7 +14,7 @@ from benchmarks.common import GB, Proc, Workdir, py, read_report, summarize
 from benchmarks.feed import FeedResult, run_feed
 from benchmarks.patches import pending
 from benchmarks.settings import BATCH, CASES, Case, Settings
-from producer.server import auto_batches_per_message
+from producer.packing import auto_batches_per_message
 
 log = logging.getLogger("benchmarks")
 

@@ -11,8 +11,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 import zmq
 
 from common import protocol as P
@@ -20,24 +18,13 @@ from common.config import FeedConfig
 from common.errors import LensfeedError, ProtocolError, StateMismatchError
 from common.spec import DataSpec
 from producer.ahead import Prefetcher, Ready
+from producer.packing import Packer, message_batches, stack
 from producer.source import BatchSource
 
 log = logging.getLogger("lensfeed.producer")
 
 #: Poll interval of the server loop; bounds how late a shutdown or idle check can be.
 _TICK_S = 0.05
-#: With ``feed.batches_per_message: 0``, batches are packed up to about this many bytes ...
-_AUTO_MESSAGE_BYTES = 4 << 20
-#: ... and at most this many batches.
-_AUTO_MAX_PACK = 64
-
-
-def auto_batches_per_message(batch_nbytes: int) -> int:
-    """What ``feed.batches_per_message: 0`` packs for batches of ``batch_nbytes``: about
-    ``_AUTO_MESSAGE_BYTES`` (the nearest count, so 512 KiB token batches plus their
-    ``sample_idx`` pack 8, not 7), at most ``_AUTO_MAX_PACK``, at least 1."""
-    n = (_AUTO_MESSAGE_BYTES + batch_nbytes // 2) // max(1, batch_nbytes)
-    return max(1, min(_AUTO_MAX_PACK, n))
 
 
 def bind_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
@@ -55,17 +42,6 @@ def bind_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
         sock.close()
         raise LensfeedError(f"cannot bind producer endpoint {endpoint}: {exc}") from None
     return sock
-
-
-def _stack(batches: list[dict]) -> dict:
-    """One message's tensors: consecutive batches concatenated along dim 0."""
-    if len(batches) == 1:
-        return batches[0]
-    out = {}
-    for name, first in batches[0].items():
-        parts = [b[name] for b in batches]
-        out[name] = torch.cat(parts) if isinstance(first, torch.Tensor) else np.concatenate(parts)
-    return out
 
 
 def _send(sock: zmq.Socket, peer: bytes, frames: list) -> bool:
@@ -117,13 +93,11 @@ class ProducerServer:
             max_batches=feed.max_ahead_batches,
             max_bytes=feed.max_ahead_bytes,
             prepare_ahead=feed.prepare_ahead,
-            chunk=self._message_batches(int(getattr(source, "batch_nbytes", 0))),
+            chunk=message_batches(feed.batches_per_message, self._batch_nbytes),
         )
         self.peer: bytes | None = None
         self.last_peer: bytes | None = None  # a dropped session may still say goodbye
-        self.pack = 1  # most training batches per message for this session
-        self._auto_pack = False  # size ``pack`` from the first batch of the session
-        self._first_alone = False  # send the next batch in a message of its own
+        self.packer = Packer()  # replaced at each hello
         self.credits = 0
         self.seq = 0
         self.serving: int | None = None  # cycle being sent
@@ -132,14 +106,10 @@ class ProducerServer:
         self.bytes_sent = 0
         self._stop: int | None = None
 
-    def _message_batches(self, batch_nbytes: int) -> int:
-        """Batches per message: ``feed.batches_per_message``, or (auto) about
-        ``_AUTO_MESSAGE_BYTES`` worth, when the batch size is known (else sized on the first)."""
-        if self.feed.batches_per_message:
-            return self.feed.batches_per_message
-        if batch_nbytes <= 0:
-            return 1
-        return auto_batches_per_message(batch_nbytes)
+    @property
+    def _batch_nbytes(self) -> int:
+        """The source's batch size in bytes when known before building one (else 0)."""
+        return int(getattr(self.source, "batch_nbytes", 0))
 
     def stop(self) -> None:
         """Ask :meth:`serve` to return 0 at its next tick (used by in-process fakes)."""
@@ -172,7 +142,7 @@ class ProducerServer:
                     # Without credit only a cycle end or an error may go out: don't wait then.
                     wait = _TICK_S if self.credits > 0 else 0.0
                     items = self.ahead.get(wait, max_batches=self.credits)
-                    for group in self._groups(items):
+                    for group in self.packer.groups(items):
                         self._emit(group)
                         if self.peer is None or self._stop is not None:
                             break
@@ -198,53 +168,6 @@ class ProducerServer:
             return True
         return timeout_ms > 0 and bool(self.sock.poll(timeout_ms))
 
-    def _groups(self, items: list[Ready]) -> list[list[Ready]]:
-        """Consecutive batches packed up to ``pack`` per message; ends and errors travel alone.
-
-        Chunks the prefetcher built at message size go out as they are; larger ones are split
-        (views). Small whole chunks (one batch each, from a transform) are stacked, a copy that
-        saves a message each; pieces of a split chunk never are, since copying a message's
-        worth of bytes costs more than the message it would save.
-        """
-        out: list[list[Ready]] = []
-        packed = 0  # batches in out[-1]
-        for item in items:
-            if item.kind != "batch":
-                out.append([item])
-                packed = 0
-                continue
-            if self._auto_pack and item.nbytes:
-                per_batch = max(1, item.nbytes // item.count)
-                self.pack = min(self.pack, auto_batches_per_message(per_batch))
-                self._auto_pack = False
-            if self._first_alone:  # the trainer is waiting: its first batch goes out at once
-                self._first_alone = False
-                if item.count > 1:
-                    head, item = item.split(1)
-                    out.append([head])
-                else:
-                    out.append([item])
-                    packed = self.pack  # nothing joins it
-                    continue
-            while item.count > self.pack:
-                head, item = item.split(self.pack)
-                out.append([head])
-                packed = head.count
-            last = out[-1] if out else None
-            if (
-                last is not None
-                and last[0].kind == "batch"
-                and packed + item.count <= self.pack
-                and last[-1].cycle == item.cycle
-                and not (item.fragment or last[-1].fragment)
-            ):
-                last.append(item)
-                packed += item.count
-            else:
-                out.append([item])
-                packed = item.count
-        return out
-
     def _emit(self, group: list[Ready]) -> None:
         assert self.peer is not None
         item = group[0]
@@ -267,7 +190,7 @@ class ProducerServer:
             self.expected = (item.cycle + 1, 0)
             self.serving = None
             return
-        data = _stack([g.data for g in group if g.data is not None])
+        data = stack([g.data for g in group if g.data is not None])
         count = sum(g.count for g in group)
         fields = {
             "rank": self.rank,
@@ -373,9 +296,7 @@ class ProducerServer:
             log.warning("rank %d: a new trainer session replaces the previous one", self.rank)
         self.peer = self.last_peer = peer
         self.credits = max(0, msg["credits"])
-        known = int(getattr(self.source, "batch_nbytes", 0))
-        self.pack = self._message_batches(known) if known else _AUTO_MAX_PACK
-        self._auto_pack = self.feed.batches_per_message == 0 and not known
+        self.packer = Packer(self.feed.batches_per_message, self._batch_nbytes)
         self.seq = 0
         self.serving = None
         welcome = {
@@ -417,13 +338,12 @@ class ProducerServer:
         self.serving = cycle
         # A cycle's first batch is what the training loop is blocked on: it travels alone, so
         # the loop starts while the rest of the cycle follows in full-size messages.
-        self._first_alone = True
+        self.packer.first_alone = True
         self._deliver(P.encode(P.CYCLE_START, fields))
 
 
 __all__ = [
     "ProducerServer",
-    "auto_batches_per_message",
     "bind_socket",
     "linger_with_error",
     "send_error",

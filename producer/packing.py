@@ -1,0 +1,116 @@
+"""How prepared batches become messages: several consecutive batches per BATCH message.
+
+Every message costs the same fixed work on both sides whatever its size (header, send, receive,
+decode, a Python frame or two), so small batches travel together; large ones travel alone. The
+prefetcher already gathers a message's worth of batches in one step (a *chunk*), so packing is
+mostly cutting: chunks go out as they are, larger ones are split into views, and only small
+whole chunks (one batch each, from a transform) are stacked, a copy that saves a message each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from producer.ahead import Ready
+from producer.source import Batch
+
+#: With ``feed.batches_per_message: 0``, batches are packed up to about this many bytes ...
+AUTO_MESSAGE_BYTES = 4 << 20
+#: ... and at most this many batches.
+AUTO_MAX_BATCHES = 64
+
+
+def auto_batches_per_message(batch_nbytes: int) -> int:
+    """What ``feed.batches_per_message: 0`` packs for batches of ``batch_nbytes``: about
+    :data:`AUTO_MESSAGE_BYTES` (the nearest count, so 512 KiB token batches plus their
+    ``sample_idx`` pack 8, not 7), at most :data:`AUTO_MAX_BATCHES`, at least 1."""
+    n = (AUTO_MESSAGE_BYTES + batch_nbytes // 2) // max(1, batch_nbytes)
+    return max(1, min(AUTO_MAX_BATCHES, n))
+
+
+def message_batches(batches_per_message: int, batch_nbytes: int) -> int:
+    """Batches per message for a configured ``feed.batches_per_message`` (0 = auto) and a
+    batch size in bytes (0 = not known before the first batch: 1 until then)."""
+    if batches_per_message:
+        return batches_per_message
+    return auto_batches_per_message(batch_nbytes) if batch_nbytes > 0 else 1
+
+
+def stack(batches: list[Batch]) -> Batch:
+    """One message's tensors: consecutive batches concatenated along dim 0."""
+    if len(batches) == 1:
+        return batches[0]
+    out: Batch = {}
+    for name, first in batches[0].items():
+        parts = [b[name] for b in batches]
+        out[name] = torch.cat(parts) if isinstance(first, torch.Tensor) else np.concatenate(parts)
+    return out
+
+
+class Packer:
+    """Groups a stream of :class:`Ready` items into messages for one trainer session.
+
+    ``batches_per_message`` 0 = auto: sized from ``batch_nbytes`` when the source knows it, else
+    from the first batch that comes through.
+    """
+
+    def __init__(self, batches_per_message: int = 0, batch_nbytes: int = 0) -> None:
+        self.auto = batches_per_message == 0 and batch_nbytes <= 0
+        self.pack = (
+            AUTO_MAX_BATCHES if self.auto else message_batches(batches_per_message, batch_nbytes)
+        )
+        #: send the next batch in a message of its own (set when a cycle starts: the training
+        #: loop is blocked on that batch, the rest follows in full-size messages)
+        self.first_alone = False
+
+    def groups(self, items: list[Ready]) -> list[list[Ready]]:
+        """Consecutive batches of one cycle, at most ``pack`` per message; cycle ends and
+        errors travel alone. Never reorders."""
+        out: list[list[Ready]] = []
+        packed = 0  # batches in out[-1]
+        for item in items:
+            if item.kind != "batch":
+                out.append([item])
+                packed = 0
+                continue
+            if self.auto and item.nbytes:
+                self.pack = min(self.pack, auto_batches_per_message(item.nbytes // item.count))
+                self.auto = False
+            if self.first_alone:
+                self.first_alone = False
+                if item.count > 1:
+                    head, item = item.split(1)
+                    out.append([head])
+                else:
+                    out.append([item])
+                    packed = self.pack  # nothing joins it
+                    continue
+            while item.count > self.pack:
+                head, item = item.split(self.pack)
+                out.append([head])
+                packed = head.count
+            last = out[-1] if out else None
+            if (
+                last is not None
+                and last[0].kind == "batch"
+                and packed + item.count <= self.pack
+                and last[-1].cycle == item.cycle
+                and not (item.fragment or last[-1].fragment)
+            ):
+                last.append(item)
+                packed += item.count
+            else:
+                out.append([item])
+                packed = item.count
+        return out
+
+
+__all__ = [
+    "AUTO_MAX_BATCHES",
+    "AUTO_MESSAGE_BYTES",
+    "Packer",
+    "auto_batches_per_message",
+    "message_batches",
+    "stack",
+]

@@ -1,0 +1,90 @@
+"""Packing prepared batches into messages: consecutive, never reordered, split as views, stacked
+only when that saves a message without copying a message's worth, a cycle's first batch alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from producer.ahead import Ready
+from producer.packing import Packer, auto_batches_per_message, message_batches, stack
+
+
+def shape(groups: list[list[Ready]]) -> list[list[tuple[int, int]]]:
+    return [[(g.batch, g.count) for g in grp] for grp in groups]
+
+
+def test_consecutive_batches_are_packed_per_message() -> None:
+    """Batches of one cycle share a message up to ``pack``; ends and errors travel alone."""
+    items = [Ready("batch", 0, j, nbytes=10) for j in range(4)] + [Ready("end", 0)]
+    items += [Ready("batch", 1, 0, nbytes=10), Ready("error", 1, 1)]
+    groups = Packer(batches_per_message=3).groups(items)
+    assert [[(g.kind, g.cycle, g.batch) for g in grp] for grp in groups] == [
+        [("batch", 0, 0), ("batch", 0, 1), ("batch", 0, 2)],
+        [("batch", 0, 3)],
+        [("end", 0, 0)],
+        [("batch", 1, 0)],
+        [("error", 1, 1)],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("batch_nbytes", "sizes"),
+    [(3 << 20, [1, 1, 1, 1, 1, 1]), (1 << 20, [4, 2]), (64 * (2048 * 4 + 8), [6])],
+)
+def test_auto_packing_is_sized_from_the_first_batch(batch_nbytes: int, sizes: list[int]) -> None:
+    items = [Ready("batch", 0, j, nbytes=batch_nbytes) for j in range(6)]
+    assert [len(g) for g in Packer().groups(items)] == sizes
+
+
+def test_auto_batches_per_message() -> None:
+    assert auto_batches_per_message(64 * (2048 * 4 + 8)) == 8  # (64, 2048) int32 + sample_idx
+    assert auto_batches_per_message(64 * (128 * 4 + 8)) == 64  # capped
+    assert auto_batches_per_message(64 * (16 * 1024 * 4 + 8)) == 1  # 4 MiB activations
+    assert auto_batches_per_message(32 << 20) == 1
+    assert message_batches(5, 1 << 30) == 5  # configured wins
+    assert message_batches(0, 0) == 1  # unknown size: one until the first batch shows it
+
+
+def test_chunks_are_split_to_the_message_size_as_views() -> None:
+    rows = np.arange(10 * 4).reshape(10, 4)
+    chunk = Ready("batch", 0, 0, {"x": rows}, nbytes=rows.nbytes, count=5)  # 5 batches of 2
+    groups = Packer(batches_per_message=2).groups([chunk])
+    assert shape(groups) == [[(0, 2)], [(2, 2)], [(4, 1)]]
+    pieces = [g.data["x"] for grp in groups for g in grp]
+    assert all(np.shares_memory(p, rows) for p in pieces)  # views, not copies
+    np.testing.assert_array_equal(np.concatenate(pieces), rows)
+
+
+def test_whole_small_chunks_are_stacked_but_pieces_of_split_ones_never() -> None:
+    rows = np.arange(10 * 4).reshape(10, 4)
+    packer = Packer(batches_per_message=2)
+    ones = [Ready("batch", 0, j, {"x": rows[2 * j : 2 * j + 2]}, nbytes=32) for j in (0, 1)]
+    assert [[g.batch for g in grp] for grp in packer.groups(ones)] == [[0, 1]]
+    # The credit cut these chunks: gluing the pieces back would copy a message's worth.
+    _, tail = Ready("batch", 0, 0, {"x": rows}, nbytes=rows.nbytes, count=5).split(3)
+    head, _ = Ready("batch", 0, 5, {"x": rows}, nbytes=rows.nbytes, count=5).split(1)
+    assert shape(packer.groups([tail, head])) == [[(3, 2)], [(5, 1)]]
+
+
+def test_a_cycles_first_batch_travels_alone() -> None:
+    """Right after NEXT_CYCLE the loop is blocked on batch 0: it is not held for a full pack."""
+    rows = np.arange(8 * 2).reshape(8, 2)
+    packer = Packer(batches_per_message=4)
+    packer.first_alone = True
+    chunk = Ready("batch", 3, 0, {"x": rows}, nbytes=rows.nbytes, count=8)
+    assert shape(packer.groups([chunk])) == [[(0, 1)], [(1, 4)], [(5, 3)]]
+    assert packer.first_alone is False
+    packer.first_alone = True
+    ones = [Ready("batch", 3, j, {"x": rows[2 * j : 2 * j + 2]}, nbytes=16) for j in range(3)]
+    assert [[g.batch for g in grp] for grp in packer.groups(ones)] == [[0], [1, 2]]
+
+
+def test_stack_concatenates_numpy_and_torch_along_dim0() -> None:
+    a = {"x": np.arange(4).reshape(2, 2), "t": torch.arange(2)}
+    b = {"x": np.arange(4, 8).reshape(2, 2), "t": torch.arange(2, 4)}
+    out = stack([a, b])
+    np.testing.assert_array_equal(out["x"], np.arange(8).reshape(4, 2))
+    assert out["t"].tolist() == [0, 1, 2, 3]
+    assert stack([a]) is a
