@@ -14,7 +14,7 @@ from benchmarks.common import GB, Proc, Workdir, py, read_report, summarize
 from benchmarks.feed import FeedResult, run_feed
 from benchmarks.patches import pending
 from benchmarks.settings import BATCH, CASES, Case, Settings
-from producer.packing import auto_batches_per_message
+from producer.packing import STACK_MAX_BYTES, auto_batches_per_message
 
 log = logging.getLogger("benchmarks")
 
@@ -35,9 +35,13 @@ def _row(
 
 
 def message_batches(case: Case) -> int:
-    """Batches per message lensfeed sends for ``case`` (auto packing; the activation cases
-    come from a transform, so the producer packs by the first batch's size, the same rule)."""
-    return auto_batches_per_message(case.batch_bytes)
+    """Batches per message lensfeed sends for ``case`` (auto packing). The activation cases come
+    from a transform that builds one batch at a time: those are stacked only up to
+    ``STACK_MAX_BYTES`` per message."""
+    n = auto_batches_per_message(case.batch_bytes)
+    if case.transform:
+        n = max(1, min(n, STACK_MAX_BYTES // case.batch_bytes))
+    return n
 
 
 def measure_limit(

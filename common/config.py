@@ -60,7 +60,7 @@ class FeedConfig:
     prefetch_bytes: int = 128 << 20
     #: Most training batches packed into one message (consecutive, same cycle). Every message
     #: has a fixed cost on both sides, so small batches travel together; 0 = auto: up to
-    #: ~4 MiB and 64 batches per message.
+    #: ~8 MiB and 64 batches per message.
     batches_per_message: int = 0
     #: Seconds any wait on the peer may take before it becomes an error.
     timeout_s: float = 60.0

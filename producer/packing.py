@@ -4,7 +4,8 @@ Every message costs the same fixed work on both sides whatever its size (header,
 decode, a Python frame or two), so small batches travel together; large ones travel alone. The
 prefetcher already gathers a message's worth of batches in one step (a *chunk*), so packing is
 mostly cutting: chunks go out as they are, larger ones are split into views, and only small
-whole chunks (one batch each, from a transform) are stacked, a copy that saves a message each.
+whole chunks (one small batch each, from a transform) are stacked, a copy that saves a message
+each.
 """
 
 from __future__ import annotations
@@ -16,15 +17,21 @@ from producer.ahead import Ready
 from producer.source import Batch
 
 #: With ``feed.batches_per_message: 0``, batches are packed up to about this many bytes ...
-AUTO_MESSAGE_BYTES = 4 << 20
+#: (measured, shuffled (64, 2048) tokens: 1/2/4/8/16/32 batches per message = 0.5-16 MiB gave
+#: ~240k/290k/340k/370k/450k/360k samples/s; see benchmarks/README.md)
+AUTO_MESSAGE_BYTES = 8 << 20
 #: ... and at most this many batches.
 AUTO_MAX_BATCHES = 64
+#: Separately built batches are stacked into one message (a copy) only up to this many bytes:
+#: beyond it the copy costs more than the messages it saves (two 4 MiB activation batches per
+#: message ran ~8% slower than one).
+STACK_MAX_BYTES = 1 << 20
 
 
 def auto_batches_per_message(batch_nbytes: int) -> int:
     """What ``feed.batches_per_message: 0`` packs for batches of ``batch_nbytes``: about
     :data:`AUTO_MESSAGE_BYTES` (the nearest count, so 512 KiB token batches plus their
-    ``sample_idx`` pack 8, not 7), at most :data:`AUTO_MAX_BATCHES`, at least 1."""
+    ``sample_idx`` pack 16, not 15), at most :data:`AUTO_MAX_BATCHES`, at least 1."""
     n = (AUTO_MESSAGE_BYTES + batch_nbytes // 2) // max(1, batch_nbytes)
     return max(1, min(AUTO_MAX_BATCHES, n))
 
@@ -69,10 +76,11 @@ class Packer:
         errors travel alone. Never reorders."""
         out: list[list[Ready]] = []
         packed = 0  # batches in out[-1]
+        packed_bytes = 0  # and their bytes
         for item in items:
             if item.kind != "batch":
                 out.append([item])
-                packed = 0
+                packed = packed_bytes = 0
                 continue
             if self.auto and item.nbytes:
                 self.pack = min(self.pack, auto_batches_per_message(item.nbytes // item.count))
@@ -89,7 +97,7 @@ class Packer:
             while item.count > self.pack:
                 head, item = item.split(self.pack)
                 out.append([head])
-                packed = head.count
+                packed, packed_bytes = head.count, head.nbytes
             last = out[-1] if out else None
             if (
                 last is not None
@@ -97,18 +105,21 @@ class Packer:
                 and packed + item.count <= self.pack
                 and last[-1].cycle == item.cycle
                 and not (item.fragment or last[-1].fragment)
+                and packed_bytes + item.nbytes <= STACK_MAX_BYTES
             ):
                 last.append(item)
                 packed += item.count
+                packed_bytes += item.nbytes
             else:
                 out.append([item])
-                packed = item.count
+                packed, packed_bytes = item.count, item.nbytes
         return out
 
 
 __all__ = [
     "AUTO_MAX_BATCHES",
     "AUTO_MESSAGE_BYTES",
+    "STACK_MAX_BYTES",
     "Packer",
     "auto_batches_per_message",
     "message_batches",

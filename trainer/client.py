@@ -20,7 +20,7 @@ socket in the consuming thread removes every thread hand-off from the per-batch 
 
 CPU tensors are zero-copy, *read-only* views of the received frames: they stay valid as long as
 you hold them, but clone before writing in place. Small batches arrive several to a message
-(about 4 MiB, see ``feed.batches_per_message``), so a batch you keep keeps its whole message
+(up to about 8 MiB, see ``feed.batches_per_message``), so a batch you keep keeps its whole message
 alive: clone what you store beyond the step. CUDA tensors are ordinary device memory.
 """
 

@@ -31,17 +31,26 @@ def test_consecutive_batches_are_packed_per_message() -> None:
 
 @pytest.mark.parametrize(
     ("batch_nbytes", "sizes"),
-    [(3 << 20, [1, 1, 1, 1, 1, 1]), (1 << 20, [4, 2]), (64 * (2048 * 4 + 8), [6])],
+    [(3 << 20, [1] * 6), (1 << 20, [1] * 6), (256 << 10, [4, 2]), (32 << 10, [6])],
 )
-def test_auto_packing_is_sized_from_the_first_batch(batch_nbytes: int, sizes: list[int]) -> None:
+def test_separate_batches_are_stacked_up_to_1_mib(batch_nbytes: int, sizes: list[int]) -> None:
+    """Stacking batches built one by one is a copy: worth it for small ones only."""
     items = [Ready("batch", 0, j, nbytes=batch_nbytes) for j in range(6)]
     assert [len(g) for g in Packer().groups(items)] == sizes
 
 
+def test_auto_pack_is_sized_from_the_first_batch() -> None:
+    packer = Packer()
+    packer.groups([Ready("batch", 0, 0, nbytes=(512 << 10) * 4, count=4)])
+    assert packer.pack == 16  # ~8 MiB of 512 KiB batches
+
+
 def test_auto_batches_per_message() -> None:
-    assert auto_batches_per_message(64 * (2048 * 4 + 8)) == 8  # (64, 2048) int32 + sample_idx
+    assert auto_batches_per_message(64 * (2048 * 4 + 8)) == 16  # (64, 2048) int32 + sample_idx
     assert auto_batches_per_message(64 * (128 * 4 + 8)) == 64  # capped
-    assert auto_batches_per_message(64 * (16 * 1024 * 4 + 8)) == 1  # 4 MiB activations
+    # 4 MiB batches: two per message when gathered together (a transform's separately built
+    # outputs of that size still travel alone: they are not stacked, see above)
+    assert auto_batches_per_message(64 * (16 * 1024 * 4 + 8)) == 2
     assert auto_batches_per_message(32 << 20) == 1
     assert message_batches(5, 1 << 30) == 5  # configured wins
     assert message_batches(0, 0) == 1  # unknown size: one until the first batch shows it
