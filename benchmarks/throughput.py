@@ -14,7 +14,8 @@ from benchmarks.common import GB, Proc, Workdir, py, read_report, summarize
 from benchmarks.feed import FeedResult, run_feed
 from benchmarks.patches import pending
 from benchmarks.settings import BATCH, CASES, Case, Settings
-from producer.packing import STACK_MAX_BYTES, auto_batches_per_message
+from producer.ahead import Ready
+from producer.packing import AUTO_MAX_BATCHES, Packer
 
 log = logging.getLogger("benchmarks")
 
@@ -35,13 +36,13 @@ def _row(
 
 
 def message_batches(case: Case) -> int:
-    """Batches per message lensfeed sends for ``case`` (auto packing). The activation cases come
-    from a transform that builds one batch at a time: those are stacked only up to
-    ``STACK_MAX_BYTES`` per message."""
-    n = auto_batches_per_message(case.batch_bytes)
-    if case.transform:
-        n = max(1, min(n, STACK_MAX_BYTES // case.batch_bytes))
-    return n
+    """Batches per message lensfeed sends for ``case``, from the producer's own packing rule:
+    token cases are gathered a message at a time; the activation cases come from a transform
+    that builds one batch at a time, which the packer stacks only while it pays."""
+    if not case.transform:
+        return Packer(batch_nbytes=case.batch_bytes).pack
+    items = [Ready("batch", 0, j, nbytes=case.batch_bytes) for j in range(AUTO_MAX_BATCHES)]
+    return len(Packer().groups(items)[0])
 
 
 def measure_limit(

@@ -148,7 +148,7 @@ class ProducerServer:
                             break
                     if items or self.credits > 0:
                         timeout_ms = 0
-                while self._stop is None and self._readable(timeout_ms):
+                while self._stop is None and self.sock.poll(timeout_ms):
                     timeout_ms = 0
                     frames = self.sock.recv_multipart(copy=False)
                     last_msg = time.monotonic()
@@ -160,13 +160,6 @@ class ProducerServer:
             return self._stop
         finally:
             self.close()
-
-    def _readable(self, timeout_ms: int) -> bool:
-        """A message is waiting (asking ``ZMQ_EVENTS`` first: one C call, where a ``poll``
-        builds a Poller per call; the server loop asks once per message it sends)."""
-        if self.sock.get(zmq.EVENTS) & zmq.POLLIN:
-            return True
-        return timeout_ms > 0 and bool(self.sock.poll(timeout_ms))
 
     def _emit(self, group: list[Ready]) -> None:
         assert self.peer is not None
