@@ -17,19 +17,20 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" \
         > /etc/lensfeed-torch-constraint.txt \
-    && mkdir -p common producer trainer \
-    && touch common/__init__.py producer/__init__.py trainer/__init__.py \
+    && mkdir -p common producer trainer src/lensfeed \
+    && touch common/__init__.py producer/__init__.py trainer/__init__.py src/lensfeed/__init__.py \
     && pip install -c /etc/lensfeed-torch-constraint.txt . \
     && pip uninstall -y lensfeed \
-    && rm -rf common producer trainer build *.egg-info
+    && rm -rf common producer trainer src build *.egg-info
 
 # 2. The package itself, and the configs (`lensfeed demo` finds conf/ in the working directory).
 COPY common ./common
 COPY producer ./producer
 COPY trainer ./trainer
+COPY src ./src
 RUN pip install --no-deps -c /etc/lensfeed-torch-constraint.txt . \
     && rm -rf build *.egg-info \
-    && python -c "import torch, producer.main, trainer.main; print('lensfeed ok, torch', torch.__version__)"
+    && python -c "import torch, lensfeed.producer.main, lensfeed.trainer.main; print('lensfeed ok, torch', torch.__version__)"
 COPY conf ./conf
 
 CMD ["lensfeed", "--help"]

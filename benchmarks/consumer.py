@@ -33,11 +33,11 @@ import torch
 
 from benchmarks import patches
 from benchmarks.common import AnonSampler, self_report, spend, write_json
-from common.config import LensfeedConfig, load_config
-from common.logs import setup_logging
-from common.malloc import tune_for_large_messages
-from common.spec import DataSpec
-from trainer.client import FeedClient
+from lensfeed.common.config import LensfeedConfig, load_config
+from lensfeed.common.logs import setup_logging
+from lensfeed.common.malloc import tune_for_large_messages
+from lensfeed.common.spec import DataSpec
+from lensfeed.trainer.client import FeedClient
 
 
 def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:

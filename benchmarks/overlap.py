@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from common.config import LensfeedConfig, load_config
-from common.spec import DataSpec
-from producer.main import build_source
-from trainer.client import FeedClient
+from lensfeed.common.config import LensfeedConfig, load_config
+from lensfeed.common.spec import DataSpec
+from lensfeed.producer.main import build_source
+from lensfeed.trainer.client import FeedClient
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -96,7 +96,7 @@ def original(cfg: LensfeedConfig, cycles: int, step_s: float) -> dict[str, Any]:
 def lensfeed(over: list[str], cycles: int, step_s: float) -> dict[str, Any]:
     cfg = load_config(None, over)
     prod = subprocess.Popen(
-        [sys.executable, "-m", "producer", "--rank", "0", *over],
+        [sys.executable, "-m", "lensfeed.producer", "--rank", "0", *over],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -39,7 +39,7 @@ def _strided_gather() -> None:
     this prototype spans the address range of all chunks, which is only valid here because the
     benchmark datasets are a single file.
     """
-    from producer.shard import TokenColumn
+    from lensfeed.producer.shard import TokenColumn
 
     plain = TokenColumn.gather
     views: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
@@ -92,7 +92,7 @@ def _young_gc() -> None:
     """
     import torch
 
-    from trainer.client import FeedClient
+    from lensfeed.trainer.client import FeedClient
 
     def _end_cycle(self: FeedClient) -> None:
         if not self.cleanup_each_cycle:
@@ -114,7 +114,7 @@ def _frombuffer_nowarn() -> None:
     """
     import torch
 
-    from common import protocol as P
+    from lensfeed.common import protocol as P
 
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
@@ -155,24 +155,24 @@ def _source_of(obj: object) -> str:
 def _has_malloc_tuning() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("common.malloc") is not None
+    return importlib.util.find_spec("lensfeed.common.malloc") is not None
 
 
 def _has_strided_gather() -> bool:
-    from producer.shard import TokenColumn
+    from lensfeed.producer.shard import TokenColumn
 
     return hasattr(TokenColumn, "_window")
 
 
 def _has_cheap_cycle_gc() -> bool:
-    from trainer.client import FeedClient
+    from lensfeed.trainer.client import FeedClient
 
     src = _source_of(FeedClient._end_cycle)
     return "freeze" in src or "collect(1)" in src or "gc.collect()" not in src
 
 
 def _has_frombuffer_without_catch() -> bool:
-    from common import protocol as P
+    from lensfeed.common import protocol as P
 
     return "catch_warnings" not in _source_of(P.frombuffer)
 

@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import producer.main as producer_main
+import lensfeed.producer.main as producer_main
 from benchmarks import patches
 from benchmarks.common import AnonSampler, self_report, spend, write_json
-from common.config import load_config
-from common.logs import setup_logging
-from common.malloc import tune_for_large_messages
-from producer.source import Array, Batch, BatchContext, ShardSource
+from lensfeed.common.config import load_config
+from lensfeed.common.logs import setup_logging
+from lensfeed.common.malloc import tune_for_large_messages
+from lensfeed.producer.source import Array, Batch, BatchContext, ShardSource
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

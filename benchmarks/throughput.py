@@ -14,8 +14,8 @@ from benchmarks.common import GB, Proc, Workdir, py, read_report, summarize
 from benchmarks.feed import FeedResult, run_feed
 from benchmarks.patches import pending
 from benchmarks.settings import BATCH, CASES, Case, Settings
-from producer.ahead import Ready
-from producer.packing import AUTO_MAX_BATCHES, Packer
+from lensfeed.producer.ahead import Ready
+from lensfeed.producer.packing import AUTO_MAX_BATCHES, Packer
 
 log = logging.getLogger("benchmarks")
 

@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.errors import ConfigError
+from lensfeed.common.errors import ConfigError
 
 
 class LensfeedWarning(UserWarning):

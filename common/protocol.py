@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 import torch
 
-from common.errors import ProtocolError
+from lensfeed.common.errors import ProtocolError
 
 # ZeroMQ frames are read-only and so are the tensors made over them (documented); torch warns
 # about that on every frombuffer. One targeted filter, installed once: a per-call

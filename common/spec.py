@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from common.config import LensfeedConfig
+    from lensfeed.common.config import LensfeedConfig
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from producer.main import main
+from lensfeed.producer.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

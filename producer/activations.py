@@ -48,10 +48,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import ActivationsConfig
-from common.errors import ConfigError, TransformError
-from producer import models
-from producer.source import Array, BatchContext
+from lensfeed.common.config import ActivationsConfig
+from lensfeed.common.errors import ConfigError, TransformError
+from lensfeed.producer import models
+from lensfeed.producer.source import Array, BatchContext
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _POS_STREAM = 0x706F73  # "pos": keeps these draws independent of the cursor's shuffle

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from producer.source import Batch, BatchSource
+from lensfeed.producer.source import Batch, BatchSource
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.spec import DataSpec
+from lensfeed.common.spec import DataSpec
 
 
 @dataclass(frozen=True)

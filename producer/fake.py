@@ -23,14 +23,14 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import zmq
 
-from common.config import FeedConfig, add_config_arguments, load_config
-from common.env import env_rank
-from common.errors import LensfeedError
-from common.logs import setup_logging
-from common.spec import DataSpec
-from producer.cycle import CycleCursor, CycleInfo
-from producer.server import ProducerServer, bind_socket
-from producer.source import Batch, Chunk
+from lensfeed.common.config import FeedConfig, add_config_arguments, load_config
+from lensfeed.common.env import env_rank
+from lensfeed.common.errors import LensfeedError
+from lensfeed.common.logs import setup_logging
+from lensfeed.common.spec import DataSpec
+from lensfeed.producer.cycle import CycleCursor, CycleInfo
+from lensfeed.producer.server import ProducerServer, bind_socket
+from lensfeed.producer.source import Batch, Chunk
 
 log = logging.getLogger("lensfeed.producer")
 

@@ -11,15 +11,20 @@ from collections.abc import Sequence
 
 import zmq
 
-from common.config import LensfeedConfig, add_config_arguments, load_config, shard_size_warnings
-from common.env import env_rank
-from common.errors import LensfeedError
-from common.logs import setup_logging
-from common.malloc import tune_for_large_messages
-from common.spec import DataSpec
-from producer.server import ProducerServer, bind_socket, linger_with_error
-from producer.shard import load_shard
-from producer.source import ShardSource
+from lensfeed.common.config import (
+    LensfeedConfig,
+    add_config_arguments,
+    load_config,
+    shard_size_warnings,
+)
+from lensfeed.common.env import env_rank
+from lensfeed.common.errors import LensfeedError
+from lensfeed.common.logs import setup_logging
+from lensfeed.common.malloc import tune_for_large_messages
+from lensfeed.common.spec import DataSpec
+from lensfeed.producer.server import ProducerServer, bind_socket, linger_with_error
+from lensfeed.producer.shard import load_shard
+from lensfeed.producer.source import ShardSource
 
 log = logging.getLogger("lensfeed.producer")
 
@@ -35,7 +40,7 @@ def build_source(cfg: LensfeedConfig, rank: int) -> ShardSource:
             log.warning("%s", msg)
     transform = None
     if cfg.activations.builder == "activations":
-        from producer.activations import build_transform
+        from lensfeed.producer.activations import build_transform
 
         seq_len = shard.columns["input_ids"].row_shape[0]
         transform = build_transform(cfg.activations, rank=rank, seed=cfg.seed, seq_len=seq_len)

@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.config import TinyModelConfig
-from common.errors import ConfigError, TransformError
+from lensfeed.common.config import TinyModelConfig
+from lensfeed.common.errors import ConfigError, TransformError
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

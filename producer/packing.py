@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from producer.ahead import Ready
-from producer.source import Batch
+from lensfeed.producer.ahead import Ready
+from lensfeed.producer.source import Batch
 
 #: With ``feed.batches_per_message: 0``, batches are packed up to about this many bytes ...
 #: (measured, shuffled (64, 2048) tokens: 1/2/4/8/16/32 batches per message = 0.5-16 MiB gave

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import zmq
 
-from common import protocol as P
-from common.config import FeedConfig
-from common.errors import LensfeedError, ProtocolError, StateMismatchError
-from common.spec import DataSpec
-from producer.ahead import Prefetcher, Ready
-from producer.packing import Packer, message_batches, stack
-from producer.source import BatchSource
+from lensfeed.common import protocol as P
+from lensfeed.common.config import FeedConfig
+from lensfeed.common.errors import LensfeedError, ProtocolError, StateMismatchError
+from lensfeed.common.spec import DataSpec
+from lensfeed.producer.ahead import Prefetcher, Ready
+from lensfeed.producer.packing import Packer, message_batches, stack
+from lensfeed.producer.source import BatchSource
 
 log = logging.getLogger("lensfeed.producer")
 

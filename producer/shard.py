@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.errors import EmptyShardError, ShardError
+from lensfeed.common.errors import EmptyShardError, ShardError
 
 _ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
 _PARQUET_SUFFIXES = (".parquet", ".pq")

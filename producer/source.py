@@ -14,10 +14,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from common.errors import LensfeedError, TransformError
-from common.spec import DataSpec
-from producer.cycle import CycleCursor, CycleInfo
-from producer.shard import Shard
+from lensfeed.common.errors import LensfeedError, TransformError
+from lensfeed.common.spec import DataSpec
+from lensfeed.producer.cycle import CycleCursor, CycleInfo
+from lensfeed.producer.shard import Shard
 
 Array = np.ndarray | torch.Tensor
 Batch = dict[str, Array]

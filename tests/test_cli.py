@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import common.config as C
-from common.cli import COMMANDS, main
+import lensfeed.common.config as C
+from lensfeed.cli import COMMANDS, main
 from tests._util import REPO, child_env
 
 README = REPO / "README.md"
@@ -24,11 +24,11 @@ README = REPO / "README.md"
 # --8<-- [start:recipe]
 import torch  # noqa: E402
 
-from common.config import load_config  # noqa: E402
-from common.errors import RemoteError  # noqa: E402
-from common.spec import DataSpec  # noqa: E402
-from producer.fake import FakeProducer  # noqa: E402
-from trainer.client import FeedClient  # noqa: E402
+from lensfeed.common.config import load_config  # noqa: E402
+from lensfeed.common.errors import RemoteError  # noqa: E402
+from lensfeed.common.spec import DataSpec  # noqa: E402
+from lensfeed.producer.fake import FakeProducer  # noqa: E402
+from lensfeed.trainer.client import FeedClient  # noqa: E402
 
 CYCLE = ["batch_size=8", "dataset.on_the_fly.samples_per_regeneration_cycle=64"]
 TENSORS = {"A": ("float32", (16,))}  # name -> (dtype, per-sample shape) your producer serves
@@ -117,7 +117,7 @@ def test_no_or_unknown_command_fails(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_entry_points_run_as_processes() -> None:
     """``lensfeed`` (console script module), ``python -m producer`` and ``-m trainer``."""
-    for module in ("common.cli", "producer", "trainer"):
+    for module in ("lensfeed.cli", "lensfeed.producer", "lensfeed.trainer"):
         out = subprocess.run(
             [sys.executable, "-m", module, "--help"],
             cwd=REPO,

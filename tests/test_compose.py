@@ -90,7 +90,7 @@ def test_compose_file_structure() -> None:
 def _shims(bin_dir: Path) -> None:
     """``lensfeed`` and ``torchrun`` for this interpreter (the image has both on PATH)."""
     bin_dir.mkdir()
-    for name, module in (("lensfeed", "common.cli"), ("torchrun", "torch.distributed.run")):
+    for name, module in (("lensfeed", "lensfeed.cli"), ("torchrun", "torch.distributed.run")):
         shim = bin_dir / name
         shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
         shim.chmod(shim.stat().st_mode | stat.S_IEXEC)

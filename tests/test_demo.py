@@ -14,11 +14,11 @@ from pathlib import Path
 import datasets
 import pytest
 
-from common import demo as D
-from common import demo_data as DD
-from common.config import load_config
-from common.metrics import metrics_file
-from producer.shard import load_shard
+from lensfeed import demo as D
+from lensfeed import demo_data as DD
+from lensfeed.common.config import load_config
+from lensfeed.common.metrics import metrics_file
+from lensfeed.producer.shard import load_shard
 from tests._util import REPO, Procs, python_cmd
 
 
@@ -116,7 +116,7 @@ _FAST = [
 
 def _demo_cmd(tmp_path: Path, *extra: str) -> list[str]:
     endpoint = f"feed.endpoint=ipc://{tmp_path}/ipc/demo-{{rank}}.sock"
-    return python_cmd("common.cli", "demo", *_FAST, endpoint, *extra)
+    return python_cmd("lensfeed.cli", "demo", *_FAST, endpoint, *extra)
 
 
 def _group_gone(pgid: int) -> bool:

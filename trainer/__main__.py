@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from trainer.main import main
+from lensfeed.trainer.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

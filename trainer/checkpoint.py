@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from common.errors import LensfeedError
+from lensfeed.common.errors import LensfeedError
 
 
 def step_dir(root: str | Path, step: int) -> Path:

@@ -37,16 +37,16 @@ from typing import Any
 import torch
 import zmq
 
-from common import protocol as P
-from common.errors import (
+from lensfeed.common import protocol as P
+from lensfeed.common.errors import (
     LensfeedError,
     ProducerTimeoutError,
     ProtocolError,
     RemoteError,
     StateMismatchError,
 )
-from common.spec import DataSpec
-from trainer.device import Staged, Stager
+from lensfeed.common.spec import DataSpec
+from lensfeed.trainer.device import Staged, Stager
 
 log = logging.getLogger("lensfeed.trainer")
 

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from common.errors import LensfeedError, RankFailedError
+from lensfeed.common.errors import LensfeedError, RankFailedError
 
 _MSG_BYTES = 4096
 

@@ -6,12 +6,12 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from common.config import add_config_arguments, load_config
-from common.env import env_rank
-from common.errors import LensfeedError
-from common.logs import setup_logging
-from common.malloc import tune_for_large_messages
-from trainer.train import run_training
+from lensfeed.common.config import add_config_arguments, load_config
+from lensfeed.common.env import env_rank
+from lensfeed.common.errors import LensfeedError
+from lensfeed.common.logs import setup_logging
+from lensfeed.common.malloc import tune_for_large_messages
+from lensfeed.trainer.train import run_training
 
 log = logging.getLogger("lensfeed.trainer")
 
@@ -21,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
         prog="lensfeed train",
         description="Reference DDP trainer: rank r pulls batches from producer r (feed.endpoint "
         "with {rank}) and trains a toy model. Run alone for world_size=1, or as "
-        "`torchrun --nproc_per_node N -m trainer --config C world_size=N`.",
+        "`torchrun --nproc_per_node N -m lensfeed.trainer --config C world_size=N`.",
     )
     add_config_arguments(p, example="training.num_cycles=5 training.resume=checkpoints")
     return p

@@ -18,16 +18,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common.config import LensfeedConfig
-from common.env import env_local_rank
-from common.errors import ConfigError, LensfeedError, RankFailedError
-from common.metrics import metrics_file
-from common.spec import DataSpec
-from trainer import checkpoint
-from trainer.client import FeedClient
-from trainer.device import resolve_device
-from trainer.lockstep import agree, check_same, init_process_group
-from trainer.models import build_model
+from lensfeed.common.config import LensfeedConfig
+from lensfeed.common.env import env_local_rank
+from lensfeed.common.errors import ConfigError, LensfeedError, RankFailedError
+from lensfeed.common.metrics import metrics_file
+from lensfeed.common.spec import DataSpec
+from lensfeed.trainer import checkpoint
+from lensfeed.trainer.client import FeedClient
+from lensfeed.trainer.device import resolve_device
+from lensfeed.trainer.lockstep import agree, check_same, init_process_group
+from lensfeed.trainer.models import build_model
 
 log = logging.getLogger("lensfeed.trainer")
 

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import LensfeedConfig, LensfeedWarning, load_config, shard_size_warnings
-from common.errors import ConfigError, LensfeedError
-from common.spec import DataSpec
+from lensfeed.common.config import LensfeedConfig, LensfeedWarning, load_config, shard_size_warnings
+from lensfeed.common.errors import ConfigError, LensfeedError
+from lensfeed.common.spec import DataSpec
 from tests._util import REPO
 
 DEMO = REPO / "conf" / "demo.yaml"
@@ -281,7 +281,7 @@ def test_config_error_is_a_lensfeed_error_and_value_error() -> None:
 
 
 def test_negative_seed_is_rejected_at_load_or_works() -> None:
-    from producer.cycle import CycleCursor
+    from lensfeed.producer.cycle import CycleCursor
 
     try:
         cfg = load_config(None, ["seed=-1", "batch_size=4"])

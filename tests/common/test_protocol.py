@@ -11,8 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import protocol as P
-from common.errors import ProtocolError
+from lensfeed.common import protocol as P
+from lensfeed.common.errors import ProtocolError
 
 #: A valid value for every field of every message kind (see ``P.SCHEMA``).
 SAMPLE_FIELDS: dict[str, dict[str, Any]] = {
@@ -502,7 +502,7 @@ def test_worked_hello_example_in_the_docs_matches_the_encoder() -> None:
     import json
     import re
 
-    from common.spec import DataSpec
+    from lensfeed.common.spec import DataSpec
     from tests._util import REPO
 
     doc = (REPO / "docs" / "protocol.md").read_text()

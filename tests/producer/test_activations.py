@@ -12,18 +12,18 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from common.config import LensfeedConfig, load_config
-from common.errors import ConfigError, TransformError
-from common.spec import DataSpec
-from producer.activations import (
+from lensfeed.common.config import LensfeedConfig, load_config
+from lensfeed.common.errors import ConfigError, TransformError
+from lensfeed.common.spec import DataSpec
+from lensfeed.producer.activations import (
     ActivationBuilder,
     build_transform,
     partner_slots,
     token_positions,
 )
-from producer.models import TinyCausalLM, load_model
-from producer.shard import load_shard
-from producer.source import BatchTransform, ShardSource
+from lensfeed.producer.models import TinyCausalLM, load_model
+from lensfeed.producer.shard import load_shard
+from lensfeed.producer.source import BatchTransform, ShardSource
 
 SEQ = 16
 ROWS = 40

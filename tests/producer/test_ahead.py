@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from producer.ahead import Prefetcher, Ready
-from producer.shard import load_shard
-from producer.source import ShardSource
+from lensfeed.producer.ahead import Prefetcher, Ready
+from lensfeed.producer.shard import load_shard
+from lensfeed.producer.source import ShardSource
 from tests._util import make_dataset
 from tests.producer.test_cycle import make_spec
 

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.errors import TransformError
-from common.spec import DataSpec
-from producer.cycle import CycleCursor
-from producer.shard import load_shard, rank_slice
-from producer.source import BatchContext, ShardSource
+from lensfeed.common.errors import TransformError
+from lensfeed.common.spec import DataSpec
+from lensfeed.producer.cycle import CycleCursor
+from lensfeed.producer.shard import load_shard, rank_slice
+from lensfeed.producer.source import BatchContext, ShardSource
 from tests._util import make_dataset
 
 

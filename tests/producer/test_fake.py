@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import FeedConfig, load_config
-from common.errors import ProducerTimeoutError, RemoteError
-from common.spec import DataSpec
-from producer.cycle import CycleCursor
-from producer.fake import FakeProducer, FakeSource, InjectedError, _tensor_arg, parser
+from lensfeed.common.config import FeedConfig, load_config
+from lensfeed.common.errors import ProducerTimeoutError, RemoteError
+from lensfeed.common.spec import DataSpec
+from lensfeed.producer.cycle import CycleCursor
+from lensfeed.producer.fake import FakeProducer, FakeSource, InjectedError, _tensor_arg, parser
+from lensfeed.trainer.client import FeedClient
 from tests._util import ipc_endpoint, python_cmd
-from trainer.client import FeedClient
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -214,7 +214,7 @@ def test_fake_cli_serves_and_fails_on_request(procs, tmp_path: Path) -> None:
     cfg = load_config(None, over)
     spec = DataSpec.from_config(cfg)
     cmd = python_cmd(
-        "producer.fake",
+        "lensfeed.producer.fake",
         "--tensor",
         "input_ids:int32:5",
         "--tensor",

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from producer.ahead import Ready
-from producer.packing import Packer, auto_batches_per_message, message_batches, stack
+from lensfeed.producer.ahead import Ready
+from lensfeed.producer.packing import Packer, auto_batches_per_message, message_batches, stack
 
 
 def shape(groups: list[list[Ready]]) -> list[list[tuple[int, int]]]:

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import zmq
 
-from common import protocol as P
-from common.config import FeedConfig, load_config
-from common.errors import LensfeedError, RemoteError, ShardError
-from common.spec import DataSpec
-from producer.cycle import CycleCursor
-from producer.fake import FakeProducer
-from producer.main import build_source, parser, run_producer
-from producer.server import ProducerServer, bind_socket
-from producer.shard import rank_slice
+from lensfeed.common import protocol as P
+from lensfeed.common.config import FeedConfig, load_config
+from lensfeed.common.errors import LensfeedError, RemoteError, ShardError
+from lensfeed.common.spec import DataSpec
+from lensfeed.producer.cycle import CycleCursor
+from lensfeed.producer.fake import FakeProducer
+from lensfeed.producer.main import build_source, parser, run_producer
+from lensfeed.producer.server import ProducerServer, bind_socket
+from lensfeed.producer.shard import rank_slice
+from lensfeed.trainer.client import FeedClient
 from tests._util import ipc_endpoint, make_dataset, python_cmd
-from trainer.client import FeedClient
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -518,7 +518,7 @@ def test_producer_process_serves_two_cycles(procs, tmp_path: Path) -> None:
     cfg = load_config(None, over)
     spec = DataSpec.from_config(cfg)
     # The rank comes from $RANK (torchrun's variable) when --rank is not given.
-    p = procs.start(python_cmd("producer", *over), RANK="1")
+    p = procs.start(python_cmd("lensfeed.producer", *over), RANK="1")
     start, end = rank_slice(11, 1, 2)  # rows 6..10
     cursor = CycleCursor(spec, rank=1, shard_rows=end - start)
     seen: list[tuple[int, int, list[int]]] = []
@@ -557,7 +557,7 @@ def test_empty_shard_is_reported_to_the_trainer(procs, tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "ds", rows=1)
     over = overrides(data, tmp_path)
     cfg = load_config(None, over)
-    p = procs.start(python_cmd("producer", "--rank", "1", *over))
+    p = procs.start(python_cmd("lensfeed.producer", "--rank", "1", *over))
     with (
         FeedClient(
             cfg.endpoint_for(1), rank=1, spec=DataSpec.from_config(cfg), timeout_s=30
@@ -585,7 +585,7 @@ def test_producer_process_refuses_bad_peers_and_keeps_serving(procs, tmp_path: P
     cfg = load_config(None, over)
     spec = DataSpec.from_config(cfg)
     endpoint = cfg.endpoint_for(0)
-    p = procs.start(python_cmd("producer", *over))
+    p = procs.start(python_cmd("lensfeed.producer", *over))
     # 1. A client from the future: HELLO with v=999.
     raw = RawPeer(endpoint)
     try:
@@ -624,7 +624,7 @@ def test_producer_process_refuses_bad_peers_and_keeps_serving(procs, tmp_path: P
 
 @pytest.mark.slow
 def test_producer_help_mentions_every_option(procs) -> None:
-    p = procs.start(python_cmd("producer", "--help"))
+    p = procs.start(python_cmd("lensfeed.producer", "--help"))
     code, out = procs.wait(p, timeout=60)
     assert code == 0, out
     for opt in ["--config", "-c", "--rank", "--cpus", "key=value", "$RANK", "-h", "--help"]:

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from common.errors import EmptyShardError, LensfeedError, ShardError
-from producer.shard import load_shard, open_table, rank_slice
+from lensfeed.common.errors import EmptyShardError, LensfeedError, ShardError
+from lensfeed.producer.shard import load_shard, open_table, rank_slice
 from tests._util import make_dataset
 
 SEQ = 8

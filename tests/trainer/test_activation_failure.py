@@ -37,8 +37,8 @@ def test_factory_error_reaches_every_rank(procs, tmp_path):
     ]
     bad = "activations.model=tests.trainer.test_activation_failure:exploding_model"
     producers = [
-        procs.start(python_cmd("producer", "--rank", "0", *over)),
-        procs.start(python_cmd("producer", "--rank", "1", *over, bad)),
+        procs.start(python_cmd("lensfeed.producer", "--rank", "0", *over)),
+        procs.start(python_cmd("lensfeed.producer", "--rank", "1", *over, bad)),
     ]
     trainer = procs.start(
         python_cmd(
@@ -47,7 +47,7 @@ def test_factory_error_reaches_every_rank(procs, tmp_path):
             "--nproc_per_node",
             "2",
             "-m",
-            "trainer",
+            "lensfeed.trainer",
             *over,
         )
     )

@@ -9,12 +9,17 @@ import json
 import pytest
 import torch
 
-from common.config import FeedConfig, load_config
-from common.errors import LensfeedError, ProducerTimeoutError, RemoteError, StateMismatchError
-from common.spec import DataSpec
-from producer.cycle import CycleCursor
-from producer.fake import FakeProducer
-from trainer.client import FeedClient
+from lensfeed.common.config import FeedConfig, load_config
+from lensfeed.common.errors import (
+    LensfeedError,
+    ProducerTimeoutError,
+    RemoteError,
+    StateMismatchError,
+)
+from lensfeed.common.spec import DataSpec
+from lensfeed.producer.cycle import CycleCursor
+from lensfeed.producer.fake import FakeProducer
+from lensfeed.trainer.client import FeedClient
 
 pytestmark = pytest.mark.timeout(60)
 

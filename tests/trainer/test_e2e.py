@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer.shard import rank_slice
+from lensfeed.producer.shard import rank_slice
 from tests._util import make_dataset, python_cmd
 from tests.trainer.test_train import records
 
@@ -31,10 +31,18 @@ def test_two_producers_two_ranks_three_cycles(procs, tmp_path):
     # Trainer first: the producers may start in either order.
     trainer = procs.start(
         python_cmd(
-            "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer", *over
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "lensfeed.trainer",
+            *over,
         )
     )
-    producers = [procs.start(python_cmd("producer", "--rank", str(r), *over)) for r in (0, 1)]
+    producers = [
+        procs.start(python_cmd("lensfeed.producer", "--rank", str(r), *over)) for r in (0, 1)
+    ]
     code, out = procs.wait(trainer, timeout=120)
     assert code == 0, out
     for p in producers:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config
-from common.spec import DataSpec
-from producer.fake import FakeProducer
+from lensfeed.common.config import load_config
+from lensfeed.common.spec import DataSpec
+from lensfeed.producer.fake import FakeProducer
+from lensfeed.trainer.train import run_training
 from tests._util import python_cmd
-from trainer.train import run_training
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,7 +104,7 @@ def start_fakes(procs, tmp_path: Path, world: int, *fake_args: str, **extra: obj
     return [
         procs.start(
             python_cmd(
-                "producer.fake",
+                "lensfeed.producer.fake",
                 "--rank",
                 str(r),
                 *(fake_args if r == world - 1 else ()),
@@ -123,7 +123,7 @@ def torchrun(procs, tmp_path: Path, world: int, **extra: object):
             "--nproc_per_node",
             str(world),
             "-m",
-            "trainer",
+            "lensfeed.trainer",
             *overrides(tmp_path, world, **extra),
         )
     )

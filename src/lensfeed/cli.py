@@ -1,9 +1,9 @@
 """The ``lensfeed`` command: one entry point with a subcommand per job.
 
 ``lensfeed demo``          the whole job on this machine, on the embedded demo dataset
-``lensfeed produce``       one producer (``python -m producer``)
-``lensfeed train``         the reference trainer (``python -m trainer``; use torchrun for DDP)
-``lensfeed fake-produce``  synthetic batches over the real protocol (``producer.fake``)
+``lensfeed produce``       one producer (``python -m lensfeed.producer``)
+``lensfeed train``         the reference trainer (``python -m lensfeed.trainer``; torchrun: DDP)
+``lensfeed fake-produce``  synthetic batches over the real protocol (``lensfeed.producer.fake``)
 ``lensfeed tokenize``      .txt/.jsonl corpus -> pretokenized fixed-length Arrow dataset
 
 Each subcommand's module is imported only when it runs, so ``lensfeed --help`` is instant.
@@ -29,16 +29,19 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
-        "common.demo",
+        "lensfeed.demo",
         "run producers + a 2-rank CPU trainer on the embedded demo dataset, then summarize",
     ),
-    "produce": Command("producer.main", "serve one DDP rank's shard over ZeroMQ (a producer)"),
-    "train": Command("trainer.main", "the reference DDP trainer (run it under torchrun)"),
+    "produce": Command(
+        "lensfeed.producer.main", "serve one DDP rank's shard over ZeroMQ (a producer)"
+    ),
+    "train": Command("lensfeed.trainer.main", "the reference DDP trainer (run it under torchrun)"),
     "fake-produce": Command(
-        "producer.fake", "serve synthetic batches over the real protocol (no dataset)"
+        "lensfeed.producer.fake", "serve synthetic batches over the real protocol (no dataset)"
     ),
     "tokenize": Command(
-        "common.tokenize", "turn .txt/.jsonl text into a pretokenized fixed-length Arrow dataset"
+        "lensfeed.pretokenize",
+        "turn .txt/.jsonl text into a pretokenized fixed-length Arrow dataset",
     ),
 }
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common.errors import ConfigError, LensfeedError
+from lensfeed.common.errors import ConfigError, LensfeedError
 
 log = logging.getLogger("lensfeed.tokenize")
 
@@ -394,7 +394,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from common.logs import setup_logging
+    from lensfeed.common.logs import setup_logging
 
     setup_logging("tokenize")
     t0 = time.perf_counter()

@@ -9,10 +9,10 @@ import datasets
 import numpy as np
 import pytest
 
-from common import tokenize as T
-from common.cli import main as cli_main
-from common.errors import ConfigError, LensfeedError
-from producer.shard import load_shard
+from lensfeed import pretokenize as T
+from lensfeed.cli import main as cli_main
+from lensfeed.common.errors import ConfigError, LensfeedError
+from lensfeed.producer.shard import load_shard
 
 
 def _write(path: Path, text: str) -> Path:

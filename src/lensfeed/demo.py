@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import common
-from common.demo_data import (
+from lensfeed.common.errors import LensfeedError
+from lensfeed.common.metrics import metrics_file
+from lensfeed.demo_data import (
     DEMO_SEQ_LEN,
     prepare_demo_data,
 )
-from common.errors import LensfeedError
-from common.metrics import metrics_file
 
 DEFAULT_CONFIG = "demo.yaml"
 #: Seconds producers get to exit by themselves once the trainer is done.
@@ -50,8 +49,8 @@ def _say(msg: str) -> None:
 
 
 def repo_root() -> Path:
-    """The checkout that holds ``conf/`` (the package's parent), else the working directory."""
-    root = Path(common.__file__).resolve().parent.parent
+    """The checkout that holds ``conf/`` (src/lensfeed/ -> the repository), else the cwd."""
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "conf").is_dir() else Path.cwd()
 
 
@@ -176,9 +175,15 @@ def _child_env() -> dict[str, str]:
 
 
 def producer_cmd(config: Path, rank: int, overrides: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "producer", "--config", str(config), "--rank", str(rank)] + list(
-        overrides
-    )
+    return [
+        sys.executable,
+        "-m",
+        "lensfeed.producer",
+        "--config",
+        str(config),
+        "--rank",
+        str(rank),
+    ] + list(overrides)
 
 
 def trainer_cmd(config: Path, world: int, overrides: Sequence[str]) -> list[str]:
@@ -190,7 +195,7 @@ def trainer_cmd(config: Path, world: int, overrides: Sequence[str]) -> list[str]
         "--nproc_per_node",
         str(world),
         "-m",
-        "trainer",
+        "lensfeed.trainer",
         "--config",
         str(config),
         *overrides,
@@ -235,7 +240,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def run_demo(config: Path, overrides: Sequence[str], *, world: int) -> int:
     """Start producers and trainer, wait, summarize. Returns the exit code."""
-    from common.config import load_config
+    from lensfeed.common.config import load_config
 
     cfg = load_config(config, overrides)
     offsets = _offsets(cfg.training.metrics_path, world)
@@ -348,7 +353,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from common.config import load_config
+    from lensfeed.common.config import load_config
 
     try:
         config = resolve_config(args.config)

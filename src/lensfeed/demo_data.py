@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.errors import LensfeedError
+from lensfeed.common.errors import LensfeedError
 
 #: Standard-library modules whose source makes up the demo corpus, in this order.
 DEMO_MODULES: tuple[str, ...] = (
@@ -87,7 +87,7 @@ def prepare_demo_data(path: str | Path, *, seq_len: int = DEMO_SEQ_LEN) -> dict[
     An existing directory is never touched unless it is an earlier demo dataset made with
     another recipe (seq_len or Python version), which is rebuilt.
     """
-    from common.tokenize import INFO_FILE, ByteTokenizer, write_packed
+    from lensfeed.pretokenize import INFO_FILE, ByteTokenizer, write_packed
 
     out = Path(path)
     with _locked(out):
