@@ -43,16 +43,7 @@ from lensfeed.trainer.client import FeedClient
 def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
     spec = DataSpec.from_config(cfg)
     device = torch.device(args.device)
-    feed = FeedClient(
-        cfg.endpoint_for(0),
-        rank=0,
-        spec=spec,
-        device=device,
-        prefetch=cfg.feed.prefetch,
-        prefetch_bytes=cfg.feed.prefetch_bytes,
-        timeout_s=cfg.feed.timeout_s,
-        cleanup_each_cycle=not args.no_cleanup,
-    )
+    feed = FeedClient.from_config(cfg, 0, device=device, cleanup_each_cycle=not args.no_cleanup)
     cuda = device.type == "cuda"
     t_conn = time.perf_counter()
     feed.connect()

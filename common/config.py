@@ -62,8 +62,15 @@ class FeedConfig:
     #: has a fixed cost on both sides, so small batches travel together; 0 = auto: up to
     #: ~8 MiB and 64 batches per message.
     batches_per_message: int = 0
-    #: Seconds any wait on the peer may take before it becomes an error.
+    #: Progress bound: seconds a wait on a *live* producer may take before it is an error.
     timeout_s: float = 60.0
+    #: Liveness bound: a producer that stops answering ZMTP heartbeats (killed, frozen, cut off)
+    #: for this long is declared lost and the client reconnects; 0 = no heartbeats (a crash is
+    #: still noticed when its connection closes). A producer busy regenerating still answers.
+    heartbeat_timeout_s: float = 3.0
+    #: Seconds a client keeps trying to reach a lost producer (a supervisor restart plus a model
+    #: load) before the run stops; 0 = never reconnect, a lost producer is an error at once.
+    reconnect_timeout_s: float = 120.0
     #: Regenerate the next cycle before the trainer asks for it (bounded below).
     prepare_ahead: bool = True
     #: Most batches the producer holds ready (current + next cycle).
@@ -127,9 +134,15 @@ class TrainingConfig:
     d_model: int = 64
     vocab_size: int = 256
     checkpoint_dir: str = "checkpoints"
-    #: Save a checkpoint every N steps (0 = only at the end).
+    #: Also save a checkpoint every N steps (0 = off). One is always saved at the end.
     checkpoint_every: int = 0
-    #: Checkpoint directory to resume from ("" = start fresh).
+    #: Save a checkpoint at the end of every N-th cycle (0 = off).
+    checkpoint_every_cycles: int = 1
+    #: Complete checkpoints kept in ``checkpoint_dir`` (older ones are deleted).
+    keep_checkpoints: int = 3
+    #: Resume from a checkpoint: a step directory, a checkpoint directory (its newest complete
+    #: step), ``auto`` (the newest complete one in ``checkpoint_dir``, else start fresh) or
+    #: "" (start fresh).
     resume: str = ""
     metrics_path: str = "metrics.jsonl"
     #: Run ``gc.collect()`` and ``torch.cuda.empty_cache()`` at each cycle boundary.
@@ -295,20 +308,44 @@ def validate(cfg: LensfeedConfig) -> None:
     }.items():
         if not value > 0:
             raise ConfigError(f"'{key}' must be > 0 seconds (got {value})")
-    if cfg.training.collective_timeout_s <= cfg.feed.timeout_s:
+    for key, value in {
+        "feed.heartbeat_timeout_s": cfg.feed.heartbeat_timeout_s,
+        "feed.reconnect_timeout_s": cfg.feed.reconnect_timeout_s,
+    }.items():
+        if not value >= 0:
+            raise ConfigError(f"'{key}' must be >= 0 seconds (got {value})")
+    if 0 < cfg.feed.heartbeat_timeout_s < 0.2:
         raise ConfigError(
-            "'training.collective_timeout_s' must exceed 'feed.timeout_s' (got "
-            f"{cfg.training.collective_timeout_s} <= {cfg.feed.timeout_s}), or a slow producer "
-            "looks like a dead rank"
+            f"'feed.heartbeat_timeout_s' must be 0 (off) or >= 0.2 s (got "
+            f"{cfg.feed.heartbeat_timeout_s})"
         )
+    for key, value in {
+        "feed.timeout_s": cfg.feed.timeout_s,
+        "feed.reconnect_timeout_s": cfg.feed.reconnect_timeout_s,
+    }.items():
+        if cfg.training.collective_timeout_s <= value:
+            raise ConfigError(
+                f"'training.collective_timeout_s' must exceed '{key}' (got "
+                f"{cfg.training.collective_timeout_s} <= {value}): the other ranks wait in a "
+                "collective while one rank waits for, or reconnects to, its producer"
+            )
     if cfg.seed < 0:
         raise ConfigError(f"'seed' must be >= 0 (got {cfg.seed})")
     if cfg.feed.batches_per_message < 0:
         raise ConfigError(
             f"'feed.batches_per_message' must be >= 0 (got {cfg.feed.batches_per_message})"
         )
-    if cfg.training.max_steps < 0:
-        raise ConfigError(f"'training.max_steps' must be >= 0 (got {cfg.training.max_steps})")
+    for key, value in {
+        "training.max_steps": cfg.training.max_steps,
+        "training.checkpoint_every": cfg.training.checkpoint_every,
+        "training.checkpoint_every_cycles": cfg.training.checkpoint_every_cycles,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"'{key}' must be >= 0 (got {value})")
+    if cfg.training.keep_checkpoints < 1:
+        raise ConfigError(
+            f"'training.keep_checkpoints' must be >= 1 (got {cfg.training.keep_checkpoints})"
+        )
     if cfg.batch_size > cfg.cycle_size:
         raise ConfigError(
             "'batch_size' must be <= 'dataset.on_the_fly.samples_per_regeneration_cycle' "

@@ -50,6 +50,12 @@ class ProducerTimeoutError(LensfeedError, TimeoutError):
     code = "timeout"
 
 
+class ProducerLostError(ProducerTimeoutError):
+    """The producer died or stopped answering heartbeats, and none came back in time."""
+
+    code = "producer_lost"
+
+
 class TransformError(LensfeedError):
     """The per-batch transform (e.g. the activation builder) failed."""
 
@@ -81,6 +87,7 @@ __all__ = [
     "ConfigError",
     "EmptyShardError",
     "LensfeedError",
+    "ProducerLostError",
     "ProducerTimeoutError",
     "ProtocolError",
     "RankFailedError",

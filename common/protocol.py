@@ -111,6 +111,13 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
 }
 
 
+#: Optional field of any kind, checked when present: the client's number for its current hello,
+#: echoed by the producer in every message of that session, so a client can tell what an earlier
+#: session still had in flight from the answers to its new hello.
+SESSION = "session"
+MAX_SESSION = (1 << 32) - 1
+
+
 @dataclass
 class Message:
     """A decoded, validated message. ``tensors`` maps name -> tensor (for BATCH only)."""
@@ -202,6 +209,12 @@ def decode_header(frame: Any) -> dict[str, Any]:
         if not ok:
             want = "/".join(t.__name__ for t in types)
             raise ProtocolError(f"{kind} message: field '{key}' must be {want}, got {value!r}")
+    session = header.get(SESSION)
+    if session is not None and (type(session) is not int or not 0 <= session <= MAX_SESSION):
+        raise ProtocolError(
+            f"{kind} message: field '{SESSION}' must be an int in [0, {MAX_SESSION}], "
+            f"got {session!r}"
+        )
     return header
 
 
@@ -289,9 +302,11 @@ __all__ = [
     "HELLO",
     "MAX_HEADER_BYTES",
     "Message",
+    "MAX_SESSION",
     "NEXT_CYCLE",
     "PROTOCOL_VERSION",
     "SCHEMA",
+    "SESSION",
     "WELCOME",
     "decode",
     "decode_header",

@@ -131,7 +131,7 @@ class FakeProducer:
         self.source = FakeSource(spec, rank=rank, **source_kwargs)  # type: ignore[arg-type]
         self.feed = feed or FeedConfig(exit_on_bye=False)
         self._ctx = zmq.Context()
-        self._sock = bind_socket(self._ctx, endpoint)
+        self._sock = bind_socket(self._ctx, endpoint, heartbeat_s=self.feed.heartbeat_timeout_s)
         if endpoint.endswith(":0") or endpoint.endswith(":*"):
             self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.server = ProducerServer(self.source, sock=self._sock, feed=self.feed)
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             delay_s=args.delay_s,
         )
         ctx = zmq.Context()
-        sock = bind_socket(ctx, cfg.bind_for(rank))
+        sock = bind_socket(ctx, cfg.bind_for(rank), heartbeat_s=cfg.feed.heartbeat_timeout_s)
         log.info("fake producer rank %d on %s: %s", rank, cfg.bind_for(rank), tensors)
         try:
             return ProducerServer(source, sock=sock, feed=cfg.feed).serve()

@@ -1,4 +1,9 @@
-"""Run one producer process: bind, load the rank's shard, serve until the trainer says bye."""
+"""Run one producer process: bind, load the rank's shard, serve until the trainer says bye.
+
+With ``--ranks`` the same command supervises one producer child per rank instead
+(:mod:`lensfeed.producer.supervisor`); that parent must not import torch, so the serving modules
+(the server imports torch) are imported where a producer runs, not at the top of this module.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-
-import zmq
+from typing import TYPE_CHECKING
 
 from lensfeed.common.config import (
     LensfeedConfig,
@@ -20,17 +24,20 @@ from lensfeed.common.config import (
 from lensfeed.common.env import env_rank
 from lensfeed.common.errors import LensfeedError
 from lensfeed.common.logs import setup_logging
-from lensfeed.common.malloc import tune_for_large_messages
-from lensfeed.common.spec import DataSpec
-from lensfeed.producer.server import ProducerServer, bind_socket, linger_with_error
-from lensfeed.producer.shard import load_shard
-from lensfeed.producer.source import ShardSource
+from lensfeed.producer.supervisor import add_supervisor_arguments, parse_ranks, supervise
+
+if TYPE_CHECKING:
+    from lensfeed.producer.source import ShardSource
 
 log = logging.getLogger("lensfeed.producer")
 
 
 def build_source(cfg: LensfeedConfig, rank: int) -> ShardSource:
     """Open rank's shard and the configured transform; bad input raises LensfeedError."""
+    from lensfeed.common.spec import DataSpec
+    from lensfeed.producer.shard import load_shard
+    from lensfeed.producer.source import ShardSource
+
     spec = DataSpec.from_config(cfg)
     shard = load_shard(
         cfg.dataset.path, rank=rank, world_size=cfg.world_size, columns=list(cfg.dataset.columns)
@@ -50,11 +57,15 @@ def build_source(cfg: LensfeedConfig, rank: int) -> ShardSource:
 
 def run_producer(cfg: LensfeedConfig, rank: int) -> int:
     """Serve rank's shard; returns the exit code (non-zero after a fatal error)."""
+    import zmq
+
+    from lensfeed.producer.server import ProducerServer, bind_socket, linger_with_error
+
     if not 0 <= rank < cfg.world_size:
         raise LensfeedError(f"--rank {rank} is outside world_size {cfg.world_size}")
     endpoint = cfg.bind_for(rank)
     ctx = zmq.Context()
-    sock = bind_socket(ctx, endpoint)
+    sock = bind_socket(ctx, endpoint, heartbeat_s=cfg.feed.heartbeat_timeout_s)
     try:
         try:
             source = build_source(cfg, rank)
@@ -116,22 +127,59 @@ def parser() -> argparse.ArgumentParser:
         "shard (wrapping at its end) and streams them as batches to the trainer rank.",
     )
     add_config_arguments(p, example="batch_size=64 dataset.path=/data/corpus")
-    p.add_argument(
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
         "--rank",
         type=int,
         default=None,
         help="DDP rank to serve (default: $RANK, then $LOCAL_RANK, then 0)",
+    )
+    which.add_argument(
+        "--ranks",
+        type=parse_ranks,
+        default=None,
+        metavar="LIST",
+        help="serve these ranks, e.g. 0-7 or 0,2,5-6: one producer process per rank, pinned, "
+        "restarted after a crash; exits 0 when all exited 0",
     )
     p.add_argument(
         "--cpus",
         default="",
         help="comma-separated CPU ids to pin this process to (e.g. 0,1)",
     )
+    add_supervisor_arguments(p)
     return p
 
 
+def _supervise(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--ranks``: one child per rank (``lensfeed.producer.supervisor``)."""
+    if args.cpus:
+        p.error("--cpus pins one producer; with --ranks use --cpus-per-rank")
+    setup_logging("supervisor")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return supervise(
+            args.ranks,
+            world_size=cfg.world_size,
+            config=args.config,
+            overrides=args.overrides,
+            cpus_per_rank=args.cpus_per_rank,
+            gpus=args.gpus or "auto",
+            max_restarts=5 if args.max_restarts is None else args.max_restarts,
+        )
+    except LensfeedError as exc:
+        log.error("%s", exc)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.ranks is not None:
+        return _supervise(p, args)
+    given = [o for o in ("cpus_per_rank", "gpus", "max_restarts") if getattr(args, o) is not None]
+    if given:
+        p.error(f"--{given[0].replace('_', '-')} needs --ranks")
     rank = args.rank if args.rank is not None else env_rank(0)
     setup_logging("producer", rank=rank)
     try:
@@ -139,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _pin_cpus(args.cpus)
         cfg = load_config(args.config, args.overrides)
         if cfg.feed.tune_malloc:
+            from lensfeed.common.malloc import tune_for_large_messages
+
             tune_for_large_messages()
         return run_producer(cfg, rank)
     except LensfeedError as exc:

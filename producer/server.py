@@ -17,6 +17,7 @@ from lensfeed.common import protocol as P
 from lensfeed.common.config import FeedConfig
 from lensfeed.common.errors import LensfeedError, ProtocolError, StateMismatchError
 from lensfeed.common.spec import DataSpec
+from lensfeed.common.transport import set_heartbeats
 from lensfeed.producer.ahead import Prefetcher, Ready
 from lensfeed.producer.packing import Packer, message_batches, stack
 from lensfeed.producer.source import BatchSource
@@ -27,7 +28,7 @@ log = logging.getLogger("lensfeed.producer")
 _TICK_S = 0.05
 
 
-def bind_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def bind_socket(ctx: zmq.Context, endpoint: str, *, heartbeat_s: float = 0.0) -> zmq.Socket:
     """A ROUTER bound to ``endpoint`` (creating the ipc directory); errors name the endpoint."""
     if endpoint.startswith("ipc://"):
         Path(endpoint[len("ipc://") :]).parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +37,7 @@ def bind_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.SNDHWM, 0)  # credits bound what is queued; never drop or block here
     sock.setsockopt(zmq.RCVHWM, 1000)
+    set_heartbeats(sock, heartbeat_s)
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -55,28 +57,38 @@ def _send(sock: zmq.Socket, peer: bytes, frames: list) -> bool:
         raise
 
 
-def send_error(sock: zmq.Socket, peer: bytes, err: BaseException, *, fatal: bool) -> None:
+def send_error(
+    sock: zmq.Socket, peer: bytes, err: BaseException, *, fatal: bool, session: int | None = None
+) -> None:
     code = err.code if isinstance(err, LensfeedError) else "internal"
     text = str(err) if isinstance(err, LensfeedError) else f"{type(err).__name__}: {err}"
-    _send(sock, peer, P.encode(P.ERROR, P.error_fields(code, text, fatal=fatal)))
+    fields = P.error_fields(code, text, fatal=fatal)
+    if session is not None:
+        fields[P.SESSION] = session
+    _send(sock, peer, P.encode(P.ERROR, fields))
+
+
+def _session_of(frames: list) -> int | None:
+    """The ``session`` of a message, if it has a valid one (to echo it in an answer)."""
+    try:
+        return P.decode_header(frames[0]).get(P.SESSION) if frames else None
+    except ProtocolError:
+        return None
 
 
 def linger_with_error(sock: zmq.Socket, err: BaseException, *, linger_s: float) -> None:
-    """After a fatal start-up error: answer every message for up to ``linger_s`` seconds, and
-    return as soon as a trainer's hello has been answered (it knows; nothing more to wait for)."""
+    """After a fatal start-up error: answer every message with it for ``linger_s`` seconds, so
+    a trainer that starts, or retries, within that window learns the cause instead of waiting."""
     deadline = time.monotonic() + linger_s
+    told: set[bytes] = set()
     while (remaining := deadline - time.monotonic()) > 0:
         if not sock.poll(int(remaining * 1000)):
             return
-        frames = sock.recv_multipart()
-        send_error(sock, frames[0], err, fatal=True)
-        log.info("told trainer %r about the error", frames[0])
-        try:
-            told = P.decode_header(frames[1])["kind"] == P.HELLO if len(frames) > 1 else False
-        except ProtocolError:
-            told = False
-        if told:
-            return
+        peer, *frames = sock.recv_multipart()
+        send_error(sock, peer, err, fatal=True, session=_session_of(frames))
+        if peer not in told and len(told) < 1000:
+            told.add(peer)
+            log.info("told a trainer (peer %s) about the error", peer.hex())
 
 
 class ProducerServer:
@@ -98,6 +110,7 @@ class ProducerServer:
         self.peer: bytes | None = None
         self.last_peer: bytes | None = None  # a dropped session may still say goodbye
         self.packer = Packer()  # replaced at each hello
+        self.session: int | None = None  # the hello's ``session``, echoed in every message
         self.credits = 0
         self.seq = 0
         self.serving: int | None = None  # cycle being sent
@@ -128,7 +141,7 @@ class ProducerServer:
             log.exception("rank %d: producer failed", self.rank)
             if self.peer is not None:
                 try:
-                    send_error(self.sock, self.peer, exc, fatal=True)
+                    send_error(self.sock, self.peer, exc, fatal=True, session=self.session)
                 except zmq.ZMQError:
                     pass
             return 1
@@ -168,7 +181,7 @@ class ProducerServer:
             err = item.error
             assert err is not None
             log.error("rank %d: regeneration failed in cycle %d: %s", self.rank, item.cycle, err)
-            send_error(self.sock, self.peer, err, fatal=True)
+            send_error(self.sock, self.peer, err, fatal=True, session=self.session)
             self._stop = 1
             return
         if item.kind == "end":
@@ -179,7 +192,7 @@ class ProducerServer:
                 "batches": info.batches,
                 "regen_s": item.regen_s,
             }
-            self._deliver(P.encode(P.CYCLE_END, fields))
+            self._deliver(P.encode(P.CYCLE_END, self._stamp(fields)))
             self.expected = (item.cycle + 1, 0)
             self.serving = None
             return
@@ -192,12 +205,18 @@ class ProducerServer:
             "count": count,
             "seq": self.seq,
         }
-        self._deliver(P.encode(P.BATCH, fields, data))
+        self._deliver(P.encode(P.BATCH, self._stamp(fields), data))
         self.seq += 1
         self.credits -= count
         self.batches_sent += count
         self.bytes_sent += sum(g.nbytes for g in group)
         self.expected = (item.cycle, item.batch + count)
+
+    def _stamp(self, fields: dict) -> dict:
+        """Echo the session's number (when its hello gave one) in a message of the session."""
+        if self.session is not None:
+            fields[P.SESSION] = self.session
+        return fields
 
     def _deliver(self, frames: list) -> None:
         assert self.peer is not None
@@ -215,15 +234,17 @@ class ProducerServer:
             if not isinstance(exc, ProtocolError):
                 exc = ProtocolError(f"undecodable message ({type(exc).__name__}: {exc})")
             log.warning("rank %d: rejected malformed message: %s", self.rank, exc)
-            send_error(self.sock, peer, exc, fatal=False)
+            send_error(self.sock, peer, exc, fatal=False, session=_session_of(frames))
             return
+        session = msg.header.get(P.SESSION)
         if msg.kind == P.HELLO:
             self._hello(peer, msg)
             return
         if msg.kind == P.BYE and peer in (self.peer, self.last_peer):
             # Also from a session already dropped (its socket closed mid-send): still goodbye.
             log.info("rank %d: trainer said goodbye", self.rank)
-            _send(self.sock, peer, P.encode(P.BYE, {}))  # nothing follows: it may close now
+            # nothing follows: it may close now
+            _send(self.sock, peer, P.encode(P.BYE, {} if session is None else {P.SESSION: session}))
             if peer == self.peer:
                 self.peer = None
                 self.serving = None
@@ -233,19 +254,19 @@ class ProducerServer:
             return
         if peer != self.peer:
             err = ProtocolError(f"'{msg.kind}' before hello: say hello first")
-            send_error(self.sock, peer, err, fatal=False)
+            send_error(self.sock, peer, err, fatal=False, session=session)
             return
         if msg.kind == P.CREDIT:
             if msg["n"] < 0:
-                send_error(self.sock, peer, ProtocolError("negative credit"), fatal=False)
+                err = ProtocolError("negative credit")
+                send_error(self.sock, peer, err, fatal=False, session=session)
                 return
             self.credits += msg["n"]
         elif msg.kind == P.NEXT_CYCLE:
             self._next_cycle(peer, msg["cycle"], msg["batch"])
         else:
-            send_error(
-                self.sock, peer, ProtocolError(f"unexpected '{msg.kind}' from trainer"), fatal=False
-            )
+            err = ProtocolError(f"unexpected '{msg.kind}' from trainer")
+            send_error(self.sock, peer, err, fatal=False, session=session)
 
     def _check_cursor(self, cycle: int, batch: int) -> None:
         n = self.spec.batches_in_cycle(max(cycle, 0))
@@ -283,11 +304,12 @@ class ProducerServer:
             self._check_cursor(msg["cycle"], msg["batch"])
         except LensfeedError as exc:
             log.error("rank %d: refused trainer: %s", self.rank, exc)
-            send_error(self.sock, peer, exc, fatal=True)
+            send_error(self.sock, peer, exc, fatal=True, session=msg.header.get(P.SESSION))
             return
         if self.peer is not None and peer != self.peer:
             log.warning("rank %d: a new trainer session replaces the previous one", self.rank)
         self.peer = self.last_peer = peer
+        self.session = msg.header.get(P.SESSION)
         self.credits = max(0, msg["credits"])
         self.packer = Packer(self.feed.batches_per_message, self._batch_nbytes)
         self.seq = 0
@@ -299,7 +321,7 @@ class ProducerServer:
             "fingerprint": self.spec.fingerprint(),
             "dataset_fingerprint": self.source.dataset_fingerprint,
         }
-        self._deliver(P.encode(P.WELCOME, welcome))
+        self._deliver(P.encode(P.WELCOME, self._stamp(welcome)))
         cursor = (msg["cycle"], msg["batch"])
         if self.expected != cursor:
             self.ahead.reset(*cursor)
@@ -310,7 +332,7 @@ class ProducerServer:
         try:
             self._check_cursor(cycle, batch)
         except ProtocolError as exc:
-            send_error(self.sock, peer, exc, fatal=False)
+            send_error(self.sock, peer, exc, fatal=False, session=self.session)
             return
         if self.expected != (cycle, batch):
             self.ahead.reset(cycle, batch)
@@ -332,7 +354,7 @@ class ProducerServer:
         # A cycle's first batch is what the training loop is blocked on: it travels alone, so
         # the loop starts while the rest of the cycle follows in full-size messages.
         self.packer.first_alone = True
-        self._deliver(P.encode(P.CYCLE_START, fields))
+        self._deliver(P.encode(P.CYCLE_START, self._stamp(fields)))
 
 
 __all__ = [

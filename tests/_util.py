@@ -32,6 +32,16 @@ def make_dataset(
     return path
 
 
+def read_records(path: Path, event: str) -> list[dict]:
+    """The JSONL metrics records of one ``event`` kind (``batch``, ``cycle``, ``status``)."""
+    import json
+
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in lines if r["event"] == event]
+
+
 def ipc_endpoint(tmp_path: Path, name: str = "feed") -> str:
     """An ``ipc://`` endpoint template under ``tmp_path`` (``{rank}`` is filled in by callers)."""
     return f"ipc://{tmp_path}/{name}-{{rank}}.sock"

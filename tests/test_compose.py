@@ -57,11 +57,10 @@ def test_compose_file_structure() -> None:
     raw = yaml.safe_load(BASE.read_text())
     assert raw["version"] in ("2.4", "3.8")
     assert "include" not in raw
+    assert "producer-1" not in BASE.read_text()  # no per-rank blocks to copy any more
     cfg = load(BASE)
     services = cfg["services"]
-    world = int(services["trainer"]["environment"]["LENSFEED_WORLD_SIZE"])
-    producers = sorted(s for s in services if s.startswith("producer-"))
-    assert producers == [f"producer-{r}" for r in range(world)]
+    assert set(services) == {"producer", "trainer"}  # one producer service whatever the world
     for name, svc in services.items():
         assert "develop" not in svc
         assert svc["init"] is True, name
@@ -69,12 +68,16 @@ def test_compose_file_structure() -> None:
         assert svc["environment"]["LENSFEED_CONFIG"] == "conf/demo.yaml"
         assert "ipc:/run/lensfeed" in svc["volumes"]
         assert "data:/app/data" in svc["volumes"]
-    for r, name in enumerate(producers):
-        svc = services[name]
-        assert svc["environment"]["LENSFEED_RANK"] == str(r)
-        assert "test -S /run/lensfeed/rank$LENSFEED_RANK.sock" in svc["healthcheck"]["test"]
+    producer = services["producer"]
+    assert producer["restart"] == "on-failure"
+    assert not {"LENSFEED_RANK", "CUDA_VISIBLE_DEVICES"} & set(producer["environment"])
+    command = producer["command"][-1]
+    assert '--ranks "0-$(( LENSFEED_WORLD_SIZE - 1 ))"' in command
+    assert "lensfeed demo --prepare-only" in command
+    assert "feed.exit_on_bye=false" in command
+    assert producer["healthcheck"]["test"][0] == "CMD-SHELL"
     deps = services["trainer"]["depends_on"]
-    assert deps == {p: {"condition": "service_healthy"} for p in producers}
+    assert deps == {"producer": {"condition": "service_healthy"}}
     assert "torchrun" in services["trainer"]["command"][-1]
     assert set(cfg["volumes"]) == {"data", "runs", "ipc"}
 
@@ -150,22 +153,31 @@ def test_services_run_as_local_processes(tmp_path: Path, procs: Procs) -> None:
         cwd = Path(_local(svc["working_dir"], app, ipc))
         return procs.start(_local(svc["command"], app, ipc), cwd=cwd, **env)
 
-    producers = sorted(s for s in services if s.startswith("producer-"))
-    running = {name: start(name) for name in producers}
-    for name, p in running.items():
-        _wait_for(_lines(p), "serving", timeout=90)
-        # depends_on: service_healthy -> the healthcheck must pass now
-        test = _local(services[name]["healthcheck"]["test"], app, ipc)
-        assert test[0] == "CMD-SHELL"
-        env = {**os.environ, "LENSFEED_RANK": services[name]["environment"]["LENSFEED_RANK"]}
-        assert subprocess.run(["sh", "-c", test[1]], env=env, timeout=10).returncode == 0
+    world = int(services["producer"]["environment"]["LENSFEED_WORLD_SIZE"])
+    health = _local(services["producer"]["healthcheck"]["test"], app, ipc)
+
+    def healthy() -> bool:
+        env = {**os.environ, "LENSFEED_WORLD_SIZE": str(world)}
+        return subprocess.run(["sh", "-c", health[1]], env=env, timeout=10).returncode == 0
+
+    assert not healthy()  # no sockets yet
+    producer = start("producer")
+    lines = _lines(producer)
+    for _ in range(world):  # children start together; their lines arrive in any order
+        _wait_for(lines, f"/{world} serving", timeout=90)
+    # depends_on: service_healthy -> the healthcheck must pass now, and only with every socket
+    assert healthy()
+    last = ipc / f"rank{world - 1}.sock"
+    last.rename(ipc / "moved.sock")
+    assert not healthy()
+    (ipc / "moved.sock").rename(last)
 
     trainer = start("trainer")
     code, out = procs.wait(trainer, timeout=120)
     assert code == 0, out
     metrics = (app / "runs" / "demo" / "metrics.jsonl").read_text()
     assert '"training_status": "ok"' in metrics
-    assert all(p.poll() is None for p in running.values())  # still serving (exit_on_bye=false)
+    assert producer.poll() is None  # still serving (exit_on_bye=false)
 
 
 def _compose_tools() -> list[list[str]]:

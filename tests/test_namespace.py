@@ -19,7 +19,8 @@ def test_public_api_and_version() -> None:
     assert FeedClient.__module__ == "lensfeed.trainer.client"
     assert FakeProducer.__module__ == "lensfeed.producer.fake"
     assert load_config().world_size == 1
-    assert lensfeed.__version__ and lensfeed.__version__ != "0+unknown"
+    assert lensfeed.__version__
+    assert lensfeed.__version__ != "0+unknown"
     assert set(lensfeed.__all__) >= {"FeedClient", "FakeProducer", "load_config", "__version__"}
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         lensfeed.nope  # noqa: B018

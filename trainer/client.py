@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import zmq
@@ -40,18 +41,23 @@ import zmq
 from lensfeed.common import protocol as P
 from lensfeed.common.errors import (
     LensfeedError,
+    ProducerLostError,
     ProducerTimeoutError,
     ProtocolError,
     RemoteError,
     StateMismatchError,
 )
 from lensfeed.common.spec import DataSpec
+from lensfeed.trainer.connection import Connection, ProducerLost
 from lensfeed.trainer.device import Staged, Stager
+
+if TYPE_CHECKING:
+    from lensfeed.common.config import LensfeedConfig
 
 log = logging.getLogger("lensfeed.trainer")
 
 
-def _is_bye(frames: list[bytes]) -> bool:
+def _is_bye(frames: list[Any]) -> bool:
     try:
         return P.decode_header(frames[0])["kind"] == P.BYE
     except ProtocolError:
@@ -67,6 +73,9 @@ class FeedStats:
     bytes: int = 0
     wait_s: float = 0.0
     cleanups: int = 0
+    #: Times a lost producer was reached again, and the seconds those recoveries took.
+    reconnects: int = 0
+    recovery_s: float = 0.0
 
 
 @dataclass
@@ -99,6 +108,10 @@ class FeedClient:
 
     ``state_dict()`` keys: ``cycle`` and ``batch`` (the next batch to consume), ``fingerprint``
     (of the data spec), ``rank``, ``world_size``. Prefetched batches are never counted.
+
+    A producer that dies or stops answering heartbeats (``heartbeat_s``) is reconnected to
+    within ``reconnect_timeout_s``, resuming at the next batch not yet handed to the loop: the
+    loop sees neither an exception nor a missing or repeated batch (docs/protocol.md 6.6).
     """
 
     def __init__(
@@ -111,6 +124,8 @@ class FeedClient:
         prefetch: int = 1024,
         prefetch_bytes: int = 128 << 20,
         timeout_s: float = 60.0,
+        heartbeat_s: float = 3.0,
+        reconnect_timeout_s: float = 120.0,
         max_message_bytes: int = 1 << 31,
         cleanup_each_cycle: bool = True,
         stage_ahead: int | None = None,
@@ -124,6 +139,8 @@ class FeedClient:
         self.prefetch = prefetch
         self.prefetch_bytes = prefetch_bytes
         self.timeout_s = timeout_s
+        self.heartbeat_s = heartbeat_s
+        self.reconnect_timeout_s = reconnect_timeout_s
         self.max_message_bytes = max_message_bytes
         self.cleanup_each_cycle = cleanup_each_cycle
         self.stats = FeedStats()
@@ -142,7 +159,12 @@ class FeedClient:
         self._granted = self._window
         self._consumed = 0
         self._ctx: zmq.Context | None = None
-        self._sock: zmq.Socket | None = None
+        self._conn: Connection | None = None
+        # Numbers this client's hellos; the producer echoes it, so a message of an earlier
+        # session (still in flight after a re-hello) is told apart and dropped.
+        self._session = secrets.randbits(31)
+        self._asked: tuple[int, int] | None = None  # next_cycle sent, its cycle_start not taken
+        self._resent: tuple[int, int] | None = None  # cycle_start owed to a recovery, not the loop
         self._items: deque[tuple[str, Any]] = deque()
         self._staged = 0  # batches in _items
         self._stager = Stager(self.device, slots=self.stage_ahead + 2)
@@ -163,9 +185,28 @@ class FeedClient:
             "world_size": self.spec.world_size,
         }
 
+    @classmethod
+    def from_config(
+        cls, cfg: LensfeedConfig, rank: int, *, device: torch.device | str = "cpu", **overrides: Any
+    ) -> FeedClient:
+        """A client for ``rank`` with every ``feed`` setting of ``cfg`` (keywords override)."""
+        feed = cfg.feed
+        kwargs: dict[str, Any] = {
+            "device": device,
+            "prefetch": feed.prefetch,
+            "prefetch_bytes": feed.prefetch_bytes,
+            "timeout_s": feed.timeout_s,
+            "heartbeat_s": feed.heartbeat_timeout_s,
+            "reconnect_timeout_s": feed.reconnect_timeout_s,
+            "max_message_bytes": feed.max_message_bytes,
+            "cleanup_each_cycle": cfg.training.empty_cache_each_cycle,
+        }
+        kwargs.update(overrides)
+        return cls(cfg.endpoint_for(rank), rank=rank, spec=DataSpec.from_config(cfg), **kwargs)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state``; must be called before the first cycle is requested."""
-        if self._sock is not None:
+        if self._conn is not None:
             raise LensfeedError("load_state_dict() must be called before connecting")
         for key, ours in (
             ("fingerprint", self.spec.fingerprint()),
@@ -189,15 +230,36 @@ class FeedClient:
 
     def connect(self) -> dict[str, Any]:
         """Handshake (with the resume cursor); returns the producer's WELCOME fields."""
-        if self._sock is not None:
+        if self._conn is not None:
             return self.welcome
         self._ctx = zmq.Context()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)  # credits bound what can arrive
-        sock.connect(self.endpoint)
-        self._sock = sock
-        cycle, batch = self._cursor
+        try:
+            self._handshake(time.monotonic() + self.timeout_s)
+        except ProducerLost as lost:
+            self._recover(lost.cause)
+        return self.welcome
+
+    def _handshake(self, deadline: float) -> None:
+        """Open a fresh connection, say hello with the cursor, and wait for the welcome.
+
+        Raises :class:`ProducerLost` if the connection dies first; the caller decides whether
+        that is worth another try.
+        """
+        if self._conn is not None:
+            self._conn.close()
+        assert self._ctx is not None
+        self._conn = Connection(
+            self._ctx,
+            self.endpoint,
+            heartbeat_s=self.heartbeat_s,
+            max_message_bytes=self.max_message_bytes,
+        )
+        self._items.clear()
+        self._staged = 0
+        # Whatever was granted to the old connection died with it: the hello grants afresh.
+        self._granted = self._consumed + self._window
+        self._session = (self._session + 1) & 0x7FFFFFFF
+        cycle, batch = self._normalized_cursor()
         hello = {
             "rank": self.rank,
             "world_size": self.spec.world_size,
@@ -205,35 +267,117 @@ class FeedClient:
             "fingerprint": self.spec.fingerprint(),
             "cycle": cycle,
             "batch": batch,
-            "credits": self._granted,
+            "credits": self._window,
+            P.SESSION: self._session,
         }
-        sock.send_multipart(P.encode(P.HELLO, hello))
-        kind, header = self._take("answer to hello")
-        if kind != P.WELCOME or header["fingerprint"] != self.spec.fingerprint():
-            raise ProtocolError(f"{self._where()}: expected welcome, got {header}")
-        self.welcome = dict(header)
-        return self.welcome
+        self._conn.send(P.encode(P.HELLO, hello))
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._receive(left):
+                raise ProducerTimeoutError(
+                    f"no answer to hello from the {self._where()} within {self.timeout_s:g} s"
+                )
+            kind, header = self._items.popleft()
+            if kind == P.ERROR and not header["fatal"]:
+                log.warning("%s: %s (%s)", self._where(), header["message"], header["code"])
+                continue
+            if kind == P.ERROR:
+                self._failed = RemoteError(
+                    header["code"], f"{self._where()}: {header['message']}", rank=self.rank
+                )
+                raise self._failed
+            if kind == "fail":
+                raise header
+            if kind != P.WELCOME or header["fingerprint"] != self.spec.fingerprint():
+                raise ProtocolError(f"{self._where()}: expected welcome, got {header}")
+            self.welcome = dict(header)
+            return
+
+    def _normalized_cursor(self) -> tuple[int, int]:
+        cycle, batch = self._cursor
+        if batch >= self.spec.batches_in_cycle(cycle):
+            return cycle + 1, 0
+        return cycle, batch
+
+    def _recover(self, cause: str) -> None:
+        """Reach the producer again and put the session back where the loop is.
+
+        The new hello carries the cursor (the next batch not yet handed to the loop), so the
+        producer regenerates from there; what the old connection still had in flight died with
+        its socket. The cycle being iterated is asked for again from the cursor (its
+        ``cycle_start`` is taken here, not by the loop), or an outstanding ``next_cycle`` is
+        sent again. Gives up after ``reconnect_timeout_s`` with :class:`ProducerLostError`.
+        """
+        t0 = time.monotonic()
+        deadline = t0 + self.reconnect_timeout_s
+        first = cause
+        log.warning(
+            "rank %d: lost the %s: %s; reconnecting (cursor: cycle %d, batch %d)",
+            self.rank,
+            self._where(),
+            cause,
+            *self._normalized_cursor(),
+        )
+        while True:
+            if time.monotonic() >= deadline or self.reconnect_timeout_s <= 0:
+                self._failed = ProducerLostError(
+                    f"lost the {self._where()} ({first}) and no producer answered within "
+                    f"feed.reconnect_timeout_s={self.reconnect_timeout_s:g} s (last: {cause})"
+                )
+                raise self._failed
+            try:
+                self._handshake(deadline)
+                break
+            except ProducerLost as lost:
+                cause = lost.cause
+            except ProducerTimeoutError:
+                cause = "no answer to hello"
+        cur = self._current
+        if cur is not None and not cur.done:
+            cycle, batch = self._cursor
+            if batch < cur.num_batches:
+                self._send(P.NEXT_CYCLE, {"cycle": cycle, "batch": batch})
+                self._resent = (cycle, batch)
+            else:  # every batch was handed over; only the cycle's end was still to come
+                end = {"rank": self.rank, "cycle": cycle, "batches": cur.num_batches}
+                self._items.append((P.CYCLE_END, {**end, "regen_s": 0.0}))
+        elif self._asked is not None:
+            self._send(P.NEXT_CYCLE, {"cycle": self._asked[0], "batch": self._asked[1]})
+        lost_s = time.monotonic() - t0
+        self.stats.reconnects += 1
+        self.stats.recovery_s += lost_s
+        log.warning(
+            "rank %d: reconnected to the %s after %.2f s (cause: %s); resuming at cycle %d, "
+            "batch %d",
+            self.rank,
+            self._where(),
+            lost_s,
+            first,
+            *self._normalized_cursor(),
+        )
 
     def _send(self, kind: str, fields: dict[str, Any]) -> None:
-        assert self._sock is not None
-        self._sock.send_multipart(P.encode(kind, fields))
+        assert self._conn is not None
+        self._conn.send(P.encode(kind, fields))
 
     def _receive(self, timeout_s: float) -> bool:
-        """Move one message from the socket into ``_items`` (staging batches); False on timeout."""
-        sock = self._sock
-        assert sock is not None
-        # Ask ZMQ_EVENTS first: what has already arrived needs no poll, and no failed
-        # non-blocking receive raising zmq.Again (~2.2 vs ~3.5 us per check, measured here).
-        if not sock.get(zmq.EVENTS) & zmq.POLLIN and (
-            timeout_s <= 0 or not sock.poll(int(timeout_s * 1000))
-        ):
+        """Move one message from the socket into ``_items`` (staging batches); False on timeout.
+
+        Raises :class:`ProducerLost` when the connection is gone and nothing is left to read.
+        Messages of an earlier session (another ``session`` number) are dropped.
+        """
+        assert self._conn is not None
+        frames = self._conn.recv(timeout_s)
+        if frames is None:
             return False
-        frames = sock.recv_multipart(copy=False)
         try:
             msg = P.decode(frames, max_bytes=self.max_message_bytes)
         except ProtocolError as exc:
             self._items.append(("fail", ProtocolError(f"{self._where()}: {exc}")))
             return True
+        session = msg.header.get(P.SESSION)
+        if session is not None and session != self._session:
+            return True  # an earlier session's message, still in flight: not ours any more
         if msg.kind == P.BATCH:
             self._items.append(("batch", (msg.header, self._stager.stage(msg.tensors))))
             self._staged += 1
@@ -247,20 +391,21 @@ class FeedClient:
         Waits (briefly) for the producer's acknowledgement, draining what is still in flight,
         so the connection never closes under a producer in the middle of sending.
         """
-        if self._sock is not None:
+        if self._conn is not None:
+            sock = self._conn.sock
             try:
-                self._send(P.BYE, {})
-                deadline = time.monotonic() + min(self.timeout_s, 5.0)
-                while (left := deadline - time.monotonic()) > 0 and self._sock.poll(
-                    int(left * 1000)
-                ):
-                    frames = self._sock.recv_multipart()
+                self._send(P.BYE, {P.SESSION: self._session})
+                # After a failure the producer is gone or has stopped: no acknowledgement comes.
+                wait_s = 0.0 if self._failed is not None else min(self.timeout_s, 5.0)
+                deadline = time.monotonic() + wait_s
+                while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000)):
+                    frames = sock.recv_multipart()
                     if _is_bye(frames):
                         break
             except zmq.ZMQError:
                 pass
-            self._sock.close(linger=1000)
-            self._sock = None
+            self._conn.close(linger_ms=1000)
+            self._conn = None
         self._current = None
         self._items.clear()
         if self._ctx is not None:
@@ -276,31 +421,53 @@ class FeedClient:
     # ---------------------------------------------------------------- consuming
 
     def _take(self, what: str) -> tuple[str, Any]:
-        """Next message in order; waits at most ``timeout_s`` (recorded as data wait)."""
+        """Next message in order; waits at most ``timeout_s`` for a live producer (recorded as
+        data wait), and reconnects to a lost one (:meth:`_recover`)."""
+        while True:
+            try:
+                kind, payload = self._take_one(what)
+            except ProducerLost as lost:
+                self._recover(lost.cause)
+                continue
+            if kind == P.CYCLE_START and self._resent is not None:
+                self._check_cycle_start(payload, *self._resent)
+                self._resent = None
+                continue
+            return kind, payload
+
+    def _take_one(self, what: str) -> tuple[str, Any]:
         if self._failed is not None:
             raise self._failed
         if not self._items:
             self._grant(force=True)  # never block while holding back credit the producer needs
             t0 = time.monotonic()
-            got = self._receive(self.timeout_s)
-            waited = time.monotonic() - t0
-            self.stats.wait_s += waited
-            if self._current is not None:
-                self._current.wait_s += waited
+            try:
+                got = self._receive(self.timeout_s)
+            finally:
+                waited = time.monotonic() - t0
+                self.stats.wait_s += waited
+                if self._current is not None:
+                    self._current.wait_s += waited
             if not got:
                 self._failed = ProducerTimeoutError(
-                    f"no {what} from the {self._where()} within {self.timeout_s:g} s"
+                    f"no {what} from the {self._where()} within {self.timeout_s:g} s (it is "
+                    "alive: its heartbeats are answered; raise feed.timeout_s for a slow model)"
+                    if self.heartbeat_s > 0
+                    else f"no {what} from the {self._where()} within {self.timeout_s:g} s"
                 )
                 raise self._failed
         # Stage what has already arrived, so its device copy overlaps the coming step.
-        while self._staged < self.stage_ahead and self._receive(0):
-            pass
+        try:
+            while self._staged < self.stage_ahead and self._receive(0):
+                pass
+        except ProducerLost:
+            pass  # noticed again, with nothing queued, by the next wait
         kind, payload = self._items.popleft()
         if kind == "batch":
             self._staged -= 1
         elif kind == P.ERROR and not payload["fatal"]:
             log.warning("%s: %s (%s)", self._where(), payload["message"], payload["code"])
-            return self._take(what)
+            return self._take_one(what)
         elif kind == P.ERROR:
             self._failed = RemoteError(
                 payload["code"], f"{self._where()}: {payload['message']}", rank=self.rank
@@ -335,19 +502,14 @@ class FeedClient:
                 "before asking for the next cycle"
             )
         self.connect()
-        cycle, batch = self._cursor
-        if batch >= self.spec.batches_in_cycle(cycle):
-            cycle, batch = cycle + 1, 0
-            self._cursor = (cycle, batch)
+        cycle, batch = self._cursor = self._normalized_cursor()
+        self._asked = (cycle, batch)
         self._send(P.NEXT_CYCLE, {"cycle": cycle, "batch": batch})
         kind, header = self._take(f"start of cycle {cycle}")
-        if kind != P.CYCLE_START or header["cycle"] != cycle:
+        self._asked = None
+        if kind != P.CYCLE_START:
             raise ProtocolError(f"{self._where()}: expected start of cycle {cycle}, got {kind}")
-        if header["batches"] != self.spec.batches_in_cycle(cycle):
-            raise ProtocolError(
-                f"{self._where()}: cycle {cycle} has {header['batches']} batches, expected "
-                f"{self.spec.batches_in_cycle(cycle)}"
-            )
+        self._check_cycle_start(header, cycle, batch)
         self._current = Cycle(
             index=cycle,
             num_batches=header["batches"],
@@ -356,6 +518,18 @@ class FeedClient:
             _client=self,
         )
         return self._current
+
+    def _check_cycle_start(self, header: dict[str, Any], cycle: int, batch: int) -> None:
+        if header["cycle"] != cycle or header["start_batch"] != batch:
+            raise ProtocolError(
+                f"{self._where()}: expected start of cycle {cycle} at batch {batch}, got cycle "
+                f"{header['cycle']} at batch {header['start_batch']}"
+            )
+        if header["batches"] != self.spec.batches_in_cycle(cycle):
+            raise ProtocolError(
+                f"{self._where()}: cycle {cycle} has {header['batches']} batches, expected "
+                f"{self.spec.batches_in_cycle(cycle)}"
+            )
 
     def cycles(self, num_cycles: int | None = None) -> Iterator[Cycle]:
         """Cycles in order from the resume cursor; ``num_cycles`` counts from cycle 0."""

@@ -9,6 +9,7 @@ already died. A rank that dies outright is caught by the process group's bounded
 from __future__ import annotations
 
 import json
+import logging
 from datetime import timedelta
 
 import torch
@@ -18,6 +19,8 @@ from lensfeed.common.errors import LensfeedError, RankFailedError
 
 _MSG_BYTES = 4096
 
+log = logging.getLogger("lensfeed.trainer")
+
 
 def init_process_group(*, timeout_s: float, device: torch.device) -> tuple[int, int]:
     """Join the torchrun group (gloo on CPU, nccl on GPU); alone = (0, 1) without a group."""
@@ -25,6 +28,16 @@ def init_process_group(*, timeout_s: float, device: torch.device) -> tuple[int, 
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+        and os.environ.get("RANK") == "0"
+    ):
+        log.warning(
+            "torchrun restarts reuse the rendezvous store, where restarted ranks can find the "
+            "previous ranks' addresses and fail to connect (pytorch/pytorch#135712); run "
+            "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+        )
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
@@ -66,7 +79,10 @@ def agree(error: BaseException | None, *, rank: int, device: torch.device) -> No
     raise RankFailedError(-1, "internal", "a rank failed without a message")
 
 
-def check_same(value: int, *, what: str, device: torch.device) -> None:
+_SAME_HINT = "every producer must use the same batch_size and samples_per_regeneration_cycle"
+
+
+def check_same(value: int, *, what: str, device: torch.device, hint: str = _SAME_HINT) -> None:
     """Collective: every rank must hold the same ``value`` (e.g. batches in this cycle)."""
     if not _active():
         return
@@ -76,7 +92,7 @@ def check_same(value: int, *, what: str, device: torch.device) -> None:
     if hi != lo:
         raise LensfeedError(
             f"ranks disagree on {what}: values range from {lo} to {hi} (this rank: {value}); "
-            "every producer must use the same batch_size and samples_per_regeneration_cycle"
+            + hint
         )
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,32 +84,15 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.spec = DataSpec.from_config(cfg)
         self.metrics = Metrics(cfg.training.metrics_path, self.rank)
-        self.feed = FeedClient(
-            cfg.endpoint_for(self.rank),
-            rank=self.rank,
-            spec=self.spec,
-            device=self.device,
-            prefetch=cfg.feed.prefetch,
-            prefetch_bytes=cfg.feed.prefetch_bytes,
-            timeout_s=cfg.feed.timeout_s,
-            max_message_bytes=cfg.feed.max_message_bytes,
-            cleanup_each_cycle=cfg.training.empty_cache_each_cycle,
-        )
+        self.feed = FeedClient.from_config(cfg, self.rank, device=self.device)
         self.model: torch.nn.Module | None = None
         self.ddp: torch.nn.Module | None = None
         self.optim: torch.optim.Optimizer | None = None
         self.step = 0
         self._resume_state: dict[str, Any] | None = None
-        if cfg.training.resume:
-            self._resume_state = checkpoint.load(cfg.training.resume, rank=self.rank)
-            self.feed.load_state_dict(self._resume_state["feed"])
-            self.step = int(self._resume_state["step"])
-            log.info(
-                "rank %d: resuming at step %d, feed %s",
-                self.rank,
-                self.step,
-                self._resume_state["feed"],
-            )
+        self._resumed_from: Path | None = None
+        #: Step of the newest checkpoint this run wrote (or resumed from) in checkpoint_dir.
+        self._saved_step = -1
 
     # ---------------------------------------------------------------- pieces
 
@@ -132,19 +117,97 @@ class Trainer:
         self.optim.step()
         return float(loss.detach())
 
-    def _save(self) -> None:
-        if self.model is None or self.optim is None:
+    def _resume(self) -> None:
+        """Load ``training.resume`` (a path, or ``auto``); every rank must resume the same step."""
+        t = self.cfg.training
+        if not t.resume:
+            found = checkpoint.latest(t.checkpoint_dir) if self.rank == 0 else None
+            if found is not None:
+                log.warning(
+                    "starting fresh although %s holds a complete checkpoint (%s); set "
+                    "training.resume=auto to continue from it",
+                    t.checkpoint_dir,
+                    found.name,
+                )
             return
+
+        def find() -> Path | None:
+            if t.resume == "auto":
+                d = checkpoint.latest(t.checkpoint_dir)
+                return None if d is None else checkpoint.resolve(d, rank=self.rank)
+            return checkpoint.resolve(t.resume, rank=self.rank)
+
+        file = self._guard(find)
+        step = -1 if file is None else checkpoint.step_of(file.parent)
+        check_same(
+            step,
+            what="the checkpoint step to resume from (-1: none)",
+            device=self.device,
+            hint=f"training.resume={t.resume!r} must resolve to the same complete step on every "
+            "rank; training.checkpoint_dir must be storage all ranks share",
+        )
+        if file is None:
+            log.info(
+                "rank %d: resume=auto: no complete checkpoint in %s, starting fresh",
+                self.rank,
+                t.checkpoint_dir,
+            )
+            return
+
+        def restore() -> dict[str, Any]:
+            state = checkpoint.read(file)
+            if int(state["step"]) != step:
+                raise checkpoint.CheckpointError(
+                    f"{file} holds step {state['step']}, its directory says {step}"
+                )
+            self.feed.load_state_dict(state["feed"])
+            return state
+
+        self._resume_state = self._guard(restore)
+        self.step = step
+        self._resumed_from = file.parent
+        if file.parent.resolve() == checkpoint.step_dir(t.checkpoint_dir, step).resolve():
+            self._saved_step = step  # already on disk: the end of run won't write it again
+        log.info(
+            "rank %d: resuming from %s at step %d, feed %s",
+            self.rank,
+            file,
+            self.step,
+            self._resume_state["feed"],
+        )
+
+    def _save(self) -> None:
+        """Checkpoint this step on every rank; complete only once every rank's file is durable.
+
+        Each phase ends in a vote (:meth:`_guard`), which is also the barrier between phases and
+        makes a failing save stop every rank together.
+        """
+        if self.model is None or self.optim is None or self.step == self._saved_step:
+            return
+        t = self.cfg.training
+        root, step, lead = t.checkpoint_dir, self.step, self.rank == 0
         state = {
             "model": self.model.state_dict(),
             "optim": self.optim.state_dict(),
             "feed": self.feed.state_dict(),
-            "step": self.step,
+            "step": step,
         }
-        path = checkpoint.save(
-            self.cfg.training.checkpoint_dir, step=self.step, rank=self.rank, state=state
-        )
-        log.info("rank %d: checkpoint %s", self.rank, path)
+
+        def discard() -> None:  # an earlier run's marker goes before any rank replaces a file
+            if lead:
+                checkpoint.discard_marker(root, step=step)
+
+        def commit() -> None:  # every rank's file is durable: mark the step complete, prune
+            if lead:
+                checkpoint.commit(root, step=step, world_size=self.world, keep=t.keep_checkpoints)
+
+        self._guard(discard)
+        self._guard(lambda: checkpoint.save(root, step=step, rank=self.rank, state=state))
+        self._guard(commit)
+        self._saved_step = step
+        path = checkpoint.step_dir(root, step)
+        log.info("rank %d: checkpoint %s complete", self.rank, path)
+        self.metrics.write({"event": "checkpoint", "step": step, "path": str(path)})
 
     def _guard(self, fn: Any) -> Any:
         """Run ``fn``; any lensfeed failure is voted on so every rank stops together."""
@@ -159,6 +222,16 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         t = self.cfg.training
+        self._resume()
+        self.metrics.write(
+            {
+                "event": "start",
+                "pid": os.getpid(),
+                "world_size": self.world,
+                "step": self.step,
+                "resumed_from": str(self._resumed_from) if self._resumed_from else None,
+            }
+        )
         max_steps = t.max_steps or None
         t_start = time.perf_counter()
         samples = 0
@@ -213,12 +286,16 @@ class Trainer:
                 "wait_s": waited,
                 "wait_share": waited / dt if dt > 0 else 0.0,
                 "wraps": cycle.wraps,
+                "feed_reconnects": self.feed.stats.reconnects,
+                "feed_recovery_s": self.feed.stats.recovery_s,
                 "total_wraps": int(cycle.meta["total_wraps"]),
                 "regen_s": cycle.regen_s,
                 "prepared_ahead": bool(cycle.meta["prepared_ahead"]),
                 "loss": last_loss,
             }
             self.metrics.write(record)
+            if t.checkpoint_every_cycles and (cycle.index + 1) % t.checkpoint_every_cycles == 0:
+                self._save()
             log.info(
                 "rank %d cycle %d: %d batches, %.0f samples/s, waited %.3f s on data (%.1f%%), "
                 "wraps %d (total %d), loss %.4f",
@@ -244,6 +321,8 @@ class Trainer:
             "samples_per_s": samples / wall if wall > 0 else 0.0,
             "wait_s": self.feed.stats.wait_s,
             "wait_share": self.feed.stats.wait_s / wall if wall > 0 else 0.0,
+            "feed_reconnects": self.feed.stats.reconnects,
+            "feed_recovery_s": self.feed.stats.recovery_s,
             "loss": last_loss,
         }
         self.metrics.write(summary)

@@ -418,6 +418,67 @@ def test_next_cycle_out_of_order_restarts_generation(peer: RawPeer, spec: DataSp
     peer.expect(P.CYCLE_END)
 
 
+def test_session_is_echoed_and_a_rehello_on_one_connection_is_told_apart(
+    peer: RawPeer, spec: DataSpec
+) -> None:
+    """Docs 6.6: after a second hello on the same connection, what the first session still had
+    in flight arrives before the new welcome; the echoed ``session`` tells them apart."""
+    peer.hello(spec, credits=2, session=7)
+    assert peer.expect(P.WELCOME)[P.SESSION] == 7
+    peer.send(P.NEXT_CYCLE, cycle=1, batch=0)
+    assert peer.expect(P.CYCLE_START)[P.SESSION] == 7
+    peer.hello(spec, cycle=1, batch=1, credits=100, session=8)
+    seen = []
+    while True:
+        msg = peer.recv()
+        seen.append((msg.kind, msg[P.SESSION]))
+        if msg.kind == P.WELCOME:
+            break
+    assert all(sess == 7 for kind, sess in seen[:-1]), seen
+    assert seen[-1] == (P.WELCOME, 8)
+    peer.send(P.NEXT_CYCLE, cycle=1, batch=1)
+    start = peer.expect(P.CYCLE_START)
+    assert (start["start_batch"], start[P.SESSION]) == (1, 8)
+    first = peer.expect(P.BATCH)
+    assert (first["cycle"], first["batch"], first["seq"], first[P.SESSION]) == (1, 1, 0, 8)
+
+
+def test_a_hello_without_session_gets_none_back(peer: RawPeer, spec: DataSpec) -> None:
+    peer.hello(spec)
+    assert P.SESSION not in peer.expect(P.WELCOME).header
+
+
+@pytest.mark.parametrize("session", [-1, 1 << 32, "7", True])
+def test_an_invalid_session_is_refused(peer: RawPeer, spec: DataSpec, session: object) -> None:
+    peer.hello(spec, session=session)
+    err = peer.expect(P.ERROR)
+    assert "session" in err["message"]
+    assert not err["fatal"]
+
+
+def test_next_cycle_while_a_cycle_is_unfinished_abandons_it(peer: RawPeer, spec: DataSpec) -> None:
+    """Docs 6.3: the unfinished cycle gets no more batches and no cycle_end; what it had already
+    sent precedes the new cycle_start, and everything after it belongs to the new cycle."""
+    cursor = CycleCursor(spec, rank=0, shard_rows=5)
+    peer.hello(spec, credits=1)
+    peer.expect(P.WELCOME)
+    peer.send(P.NEXT_CYCLE, cycle=1, batch=0)
+    peer.expect(P.CYCLE_START)
+    assert peer.expect(P.BATCH)["batch"] == 0  # one credit: batches 1, 2 of cycle 1 are owed
+    peer.send(P.NEXT_CYCLE, cycle=2, batch=0)
+    peer.send(P.CREDIT, n=100)
+    start = peer.expect(P.CYCLE_START)
+    assert (start["cycle"], start["start_batch"]) == (2, 0)
+    after = []
+    while (msg := peer.recv()).kind != P.CYCLE_END:
+        after.append(msg)
+    assert msg["cycle"] == 2
+    assert [(m["cycle"], m["batch"]) for m in after] == [(2, b) for b in range(len(after))]
+    got = [r for m in after for r in m.tensors["sample_idx"].tolist()]
+    assert got == [r for b in range(3) for r in cursor.batch_rows(2, b).tolist()]
+    assert peer.quiet()
+
+
 def test_bye_stops_a_producer_that_exits_on_bye(tmp_path: Path, spec: DataSpec) -> None:
     fp = FakeProducer(f"ipc://{tmp_path}/bye.sock", spec=spec, feed=FeedConfig(exit_on_bye=True))
     fp.start()
@@ -575,7 +636,7 @@ def test_empty_shard_is_reported_to_the_trainer(procs, tmp_path: Path) -> None:
     code, out = procs.wait(p, timeout=30)
     assert code == 1, out
     assert "shard is empty" in out
-    assert "told trainer" in out
+    assert "told a trainer" in out
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ def test_factory_error_reaches_every_rank(procs, tmp_path):
         f"feed.endpoint=ipc://{tmp_path}/p{{rank}}.sock",
         "feed.timeout_s=30",
         "feed.error_linger_s=60",
+        "feed.reconnect_timeout_s=20",
         "training.collective_timeout_s=90",
         "training.progress=false",
         f"training.checkpoint_dir={tmp_path / 'ckpt'}",

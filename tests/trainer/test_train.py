@@ -23,6 +23,7 @@ def overrides(tmp_path: Path, world_size: int = 1, **extra: object) -> list[str]
         "dataset.on_the_fly.samples_per_regeneration_cycle": 20,
         "feed.endpoint": f"ipc://{tmp_path}/feed-{{rank}}.sock",
         "feed.timeout_s": 20,
+        "feed.reconnect_timeout_s": 20,
         "training.collective_timeout_s": 60,
         "training.num_cycles": 3,
         "training.progress": "false",
