@@ -51,7 +51,9 @@ def _stream(feed: FeedClient, cycles: int, kill_at: int | None, supervisor: int)
     t_kill = t_back = None
     for cycle in feed.cycles(cycles):
         for batch in cycle:
-            if t_kill is not None and t_back is None:
+            # The first batch that needed the new producer (batches the client had already
+            # received before the kill do not count).
+            if t_kill is not None and t_back is None and feed.stats.reconnects:
                 t_back = time.monotonic()
             digests.append(batch_digest(batch))
             if kill_at is not None and len(digests) == kill_at:

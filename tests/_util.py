@@ -51,6 +51,21 @@ def python_cmd(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+def torchrun_cmd(*args: str, nproc: int = 2, max_restarts: int = 0) -> list[str]:
+    """``torchrun --standalone`` of the reference trainer with ``args`` (config overrides)."""
+    return python_cmd(
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "--max-restarts",
+        str(max_restarts),
+        "-m",
+        "lensfeed.trainer",
+        *args,
+    )
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"

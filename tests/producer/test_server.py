@@ -19,7 +19,7 @@ from lensfeed.common.spec import DataSpec
 from lensfeed.producer.cycle import CycleCursor
 from lensfeed.producer.fake import FakeProducer
 from lensfeed.producer.main import build_source, parser, run_producer
-from lensfeed.producer.server import ProducerServer, bind_socket
+from lensfeed.producer.server import ProducerServer, bind_socket, linger_with_error
 from lensfeed.producer.shard import rank_slice
 from lensfeed.trainer.client import FeedClient
 from tests._util import ipc_endpoint, make_dataset, python_cmd
@@ -477,6 +477,33 @@ def test_next_cycle_while_a_cycle_is_unfinished_abandons_it(peer: RawPeer, spec:
     got = [r for m in after for r in m.tensors["sample_idx"].tolist()]
     assert got == [r for b in range(3) for r in cursor.batch_rows(2, b).tolist()]
     assert peer.quiet()
+
+
+def test_startup_error_linger_answers_every_message_until_it_ends(
+    tmp_path: Path, spec: DataSpec
+) -> None:
+    """Docs 6.5: a producer that cannot start answers *every* message, from every peer, for
+    the whole linger (a trainer that retries learns the cause), then returns."""
+    ctx = zmq.Context()
+    sock = bind_socket(ctx, f"ipc://{tmp_path}/linger.sock")
+    peers = [RawPeer(f"ipc://{tmp_path}/linger.sock") for _ in range(2)]
+    err = ShardError("dataset /nope not found")
+    t = threading.Thread(target=linger_with_error, args=(sock, err), kwargs={"linger_s": 3.0})
+    t.start()
+    try:
+        for i in range(3):  # a hello, then a retry, from each of two trainers
+            for peer in peers:
+                peer.hello(spec, session=i)
+                got = peer.expect(P.ERROR)
+                assert (got["code"], got["fatal"], got[P.SESSION]) == ("shard", True, i)
+                assert "/nope" in got["message"]
+        t.join(WAIT_S)
+        assert not t.is_alive()
+    finally:
+        for peer in peers:
+            peer.close()
+        sock.close(linger=0)
+        ctx.term()
 
 
 def test_bye_stops_a_producer_that_exits_on_bye(tmp_path: Path, spec: DataSpec) -> None:

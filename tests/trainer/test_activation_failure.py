@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from tests._util import make_dataset, python_cmd
+from tests._util import make_dataset, python_cmd, torchrun_cmd
 from tests.trainer.test_train import records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -41,17 +41,7 @@ def test_factory_error_reaches_every_rank(procs, tmp_path):
         procs.start(python_cmd("lensfeed.producer", "--rank", "0", *over)),
         procs.start(python_cmd("lensfeed.producer", "--rank", "1", *over, bad)),
     ]
-    trainer = procs.start(
-        python_cmd(
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "lensfeed.trainer",
-            *over,
-        )
-    )
+    trainer = procs.start(torchrun_cmd(*over))
     code, out = procs.wait(trainer, timeout=120)
     assert code != 0
     assert procs.wait(producers[1], timeout=90)[0] == 1  # the failing producer exits non-zero

@@ -20,7 +20,7 @@ import torch
 from lensfeed.common.config import load_config
 from lensfeed.common.errors import ConfigError, LensfeedError
 from lensfeed.trainer import checkpoint
-from tests._util import make_dataset, python_cmd
+from tests._util import make_dataset, python_cmd, torchrun_cmd
 from tests.trainer.test_train import records, run_in_process
 
 pytestmark = pytest.mark.timeout(120)
@@ -327,17 +327,7 @@ def _run_job(procs, tmp: Path, data: Path, *, restarts: int):
     for r in (0, 1):
         Drain(procs.start(python_cmd("lensfeed.producer", "--rank", str(r), *over)))
     trainer = procs.start(
-        python_cmd(
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "--max-restarts",
-            str(restarts),
-            "-m",
-            "lensfeed.trainer",
-            *over,
-        ),
+        torchrun_cmd(*over, max_restarts=restarts),
         # torchrun's restarts reuse its rendezvous TCPStore, where the restarted ranks find the
         # old ranks' addresses (pytorch/pytorch#135712): a fresh store per restart avoids that.
         TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lensfeed.producer.shard import rank_slice
-from tests._util import make_dataset, python_cmd
+from tests._util import make_dataset, python_cmd, torchrun_cmd
 from tests.trainer.test_train import records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -30,17 +30,7 @@ def test_two_producers_two_ranks_three_cycles(procs, tmp_path):
         f"training.metrics_path={tmp_path / 'metrics.jsonl'}",
     ]
     # Trainer first: the producers may start in either order.
-    trainer = procs.start(
-        python_cmd(
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "lensfeed.trainer",
-            *over,
-        )
-    )
+    trainer = procs.start(torchrun_cmd(*over))
     producers = [
         procs.start(python_cmd("lensfeed.producer", "--rank", str(r), *over)) for r in (0, 1)
     ]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._util import Procs, make_dataset, python_cmd, read_records
+from tests._util import Procs, make_dataset, python_cmd, read_records, torchrun_cmd
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -37,20 +37,6 @@ def overrides(tmp_path: Path, data: Path, **extra: object) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
-
-
-def trainer_cmd(over: list[str]) -> list[str]:
-    return (
-        python_cmd(
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "lensfeed.trainer",
-        )
-        + over
-    )
 
 
 def supervisor_cmd(over: list[str]) -> list[str]:
@@ -84,7 +70,7 @@ def run_reference(procs: Procs, tmp_path: Path, data: Path) -> Path:
     ref = tmp_path / "ref"
     over = overrides(ref, data)
     sup = procs.start(supervisor_cmd(over))
-    code, out = procs.wait(procs.start(trainer_cmd(over)), timeout=120)
+    code, out = procs.wait(procs.start(torchrun_cmd(*over)), timeout=120)
     assert code == 0, out
     assert procs.wait(sup, timeout=30)[0] == 0
     return ref
@@ -96,7 +82,7 @@ def test_supervisor_restarts_a_killed_producer_and_streams_are_identical(procs, 
     run = tmp_path / "run"
     over = overrides(run, data)
     sup = procs.start(supervisor_cmd(over))
-    trainer = procs.start(trainer_cmd(over))
+    trainer = procs.start(torchrun_cmd(*over))
     wait_for_line(trainer, "rank 1 cycle 0:")
     subprocess.run(["kill", "-9", str(child_of(sup, 1))], check=True)
     code, out = procs.wait(trainer, timeout=150)
@@ -121,7 +107,7 @@ def test_a_producer_that_never_comes_back_stops_every_rank_in_time(procs, tmp_pa
     producers = [
         procs.start(python_cmd("lensfeed.producer", "--rank", str(r), *over)) for r in (0, 1)
     ]
-    trainer = procs.start(trainer_cmd(over))
+    trainer = procs.start(torchrun_cmd(*over))
     wait_for_line(trainer, "rank 1 cycle 0:")
     producers[1].kill()
     t_kill = time.monotonic()
