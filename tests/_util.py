@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,8 +35,6 @@ def make_dataset(
 
 def read_records(path: Path, event: str) -> list[dict]:
     """The JSONL metrics records of one ``event`` kind (``batch``, ``cycle``, ``status``)."""
-    import json
-
     if not path.exists():
         return []
     lines = [json.loads(line) for line in path.read_text().splitlines()]

@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import gc
 import logging
-import secrets
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import zmq
 
 from lensfeed.common import protocol as P
 from lensfeed.common.errors import (
@@ -44,24 +41,17 @@ from lensfeed.common.errors import (
     ProducerLostError,
     ProducerTimeoutError,
     ProtocolError,
-    RemoteError,
     StateMismatchError,
 )
 from lensfeed.common.spec import DataSpec
-from lensfeed.trainer.connection import Connection, ProducerLost
+from lensfeed.trainer.connection import ProducerLost
 from lensfeed.trainer.device import Staged, Stager
+from lensfeed.trainer.session import Session
 
 if TYPE_CHECKING:
     from lensfeed.common.config import LensfeedConfig
 
 log = logging.getLogger("lensfeed.trainer")
-
-
-def _is_bye(frames: list[Any]) -> bool:
-    try:
-        return P.decode_header(frames[0])["kind"] == P.BYE
-    except ProtocolError:
-        return False
 
 
 @dataclass
@@ -158,25 +148,25 @@ class FeedClient:
         self._sized = False
         self._granted = self._window
         self._consumed = 0
-        self._ctx: zmq.Context | None = None
-        self._conn: Connection | None = None
-        # Numbers this client's hellos; the producer echoes it, so a message of an earlier
-        # session (still in flight after a re-hello) is told apart and dropped.
-        self._session = secrets.randbits(31)
+        self._stager = Stager(self.device, slots=self.stage_ahead + 2)
+        self._session = Session(
+            endpoint,
+            rank=rank,
+            spec=spec,
+            stager=self._stager,
+            heartbeat_s=heartbeat_s,
+            max_message_bytes=max_message_bytes,
+        )
+        self._connected = False
         self._asked: tuple[int, int] | None = None  # next_cycle sent, its cycle_start not taken
         self._resent: tuple[int, int] | None = None  # cycle_start owed to a recovery, not the loop
-        self._items: deque[tuple[str, Any]] = deque()
-        self._staged = 0  # batches in _items
-        self._stager = Stager(self.device, slots=self.stage_ahead + 2)
         self._failed: LensfeedError | None = None
         self._gc_frozen = False
 
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        cycle, batch = self._cursor
-        if batch >= self.spec.batches_in_cycle(cycle):
-            cycle, batch = cycle + 1, 0
+        cycle, batch = self._normalized_cursor()
         return {
             "cycle": cycle,
             "batch": batch,
@@ -206,7 +196,7 @@ class FeedClient:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state``; must be called before the first cycle is requested."""
-        if self._conn is not None:
+        if self._connected:
             raise LensfeedError("load_state_dict() must be called before connecting")
         for key, ours in (
             ("fingerprint", self.spec.fingerprint()),
@@ -226,78 +216,39 @@ class FeedClient:
     # ---------------------------------------------------------------- connection
 
     def _where(self) -> str:
-        return f"producer for rank {self.rank} at {self.endpoint}"
-
-    def connect(self) -> dict[str, Any]:
-        """Handshake (with the resume cursor); returns the producer's WELCOME fields."""
-        if self._conn is not None:
-            return self.welcome
-        self._ctx = zmq.Context()
-        try:
-            self._handshake(time.monotonic() + self.timeout_s)
-        except ProducerLost as lost:
-            self._recover(lost.cause)
-        return self.welcome
-
-    def _handshake(self, deadline: float) -> None:
-        """Open a fresh connection, say hello with the cursor, and wait for the welcome.
-
-        Raises :class:`ProducerLost` if the connection dies first; the caller decides whether
-        that is worth another try.
-        """
-        if self._conn is not None:
-            self._conn.close()
-        assert self._ctx is not None
-        self._conn = Connection(
-            self._ctx,
-            self.endpoint,
-            heartbeat_s=self.heartbeat_s,
-            max_message_bytes=self.max_message_bytes,
-        )
-        self._items.clear()
-        self._staged = 0
-        # Whatever was granted to the old connection died with it: the hello grants afresh.
-        self._granted = self._consumed + self._window
-        self._session = (self._session + 1) & 0x7FFFFFFF
-        cycle, batch = self._normalized_cursor()
-        hello = {
-            "rank": self.rank,
-            "world_size": self.spec.world_size,
-            "spec": self.spec.to_dict(),
-            "fingerprint": self.spec.fingerprint(),
-            "cycle": cycle,
-            "batch": batch,
-            "credits": self._window,
-            P.SESSION: self._session,
-        }
-        self._conn.send(P.encode(P.HELLO, hello))
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._receive(left):
-                raise ProducerTimeoutError(
-                    f"no answer to hello from the {self._where()} within {self.timeout_s:g} s"
-                )
-            kind, header = self._items.popleft()
-            if kind == P.ERROR and not header["fatal"]:
-                log.warning("%s: %s (%s)", self._where(), header["message"], header["code"])
-                continue
-            if kind == P.ERROR:
-                self._failed = RemoteError(
-                    header["code"], f"{self._where()}: {header['message']}", rank=self.rank
-                )
-                raise self._failed
-            if kind == "fail":
-                raise header
-            if kind != P.WELCOME or header["fingerprint"] != self.spec.fingerprint():
-                raise ProtocolError(f"{self._where()}: expected welcome, got {header}")
-            self.welcome = dict(header)
-            return
+        return self._session.where
 
     def _normalized_cursor(self) -> tuple[int, int]:
+        """The cursor with a finished cycle rolled over to ``(cycle + 1, 0)``."""
         cycle, batch = self._cursor
         if batch >= self.spec.batches_in_cycle(cycle):
             return cycle + 1, 0
         return cycle, batch
+
+    def connect(self) -> dict[str, Any]:
+        """Handshake (with the resume cursor); returns the producer's WELCOME fields."""
+        if self._connected:
+            return self.welcome
+        self._connected = True
+        try:
+            try:
+                self._open(time.monotonic() + self.timeout_s)
+            except ProducerLost as lost:
+                self._recover(lost.cause)
+        except LensfeedError as exc:
+            self._failed = exc
+            raise
+        return self.welcome
+
+    def _open(self, deadline: float) -> None:
+        """A new session from the cursor; whatever the old one was granted died with it."""
+        self._granted = self._consumed + self._window
+        self.welcome = self._session.open(
+            self._normalized_cursor(),
+            credits=self._window,
+            deadline=deadline,
+            timeout_s=self.timeout_s,
+        )
 
     def _recover(self, cause: str) -> None:
         """Reach the producer again and put the session back where the loop is.
@@ -320,13 +271,12 @@ class FeedClient:
         )
         while True:
             if time.monotonic() >= deadline or self.reconnect_timeout_s <= 0:
-                self._failed = ProducerLostError(
+                raise ProducerLostError(
                     f"lost the {self._where()} ({first}) and no producer answered within "
                     f"feed.reconnect_timeout_s={self.reconnect_timeout_s:g} s (last: {cause})"
                 )
-                raise self._failed
             try:
-                self._handshake(deadline)
+                self._open(deadline)
                 break
             except ProducerLost as lost:
                 cause = lost.cause
@@ -336,13 +286,13 @@ class FeedClient:
         if cur is not None and not cur.done:
             cycle, batch = self._cursor
             if batch < cur.num_batches:
-                self._send(P.NEXT_CYCLE, {"cycle": cycle, "batch": batch})
+                self._session.send(P.NEXT_CYCLE, {"cycle": cycle, "batch": batch})
                 self._resent = (cycle, batch)
             else:  # every batch was handed over; only the cycle's end was still to come
                 end = {"rank": self.rank, "cycle": cycle, "batches": cur.num_batches}
-                self._items.append((P.CYCLE_END, {**end, "regen_s": 0.0}))
+                self._session.items.append((P.CYCLE_END, {**end, "regen_s": 0.0}))
         elif self._asked is not None:
-            self._send(P.NEXT_CYCLE, {"cycle": self._asked[0], "batch": self._asked[1]})
+            self._session.send(P.NEXT_CYCLE, {"cycle": self._asked[0], "batch": self._asked[1]})
         lost_s = time.monotonic() - t0
         self.stats.reconnects += 1
         self.stats.recovery_s += lost_s
@@ -356,61 +306,17 @@ class FeedClient:
             *self._normalized_cursor(),
         )
 
-    def _send(self, kind: str, fields: dict[str, Any]) -> None:
-        assert self._conn is not None
-        self._conn.send(P.encode(kind, fields))
-
-    def _receive(self, timeout_s: float) -> bool:
-        """Move one message from the socket into ``_items`` (staging batches); False on timeout.
-
-        Raises :class:`ProducerLost` when the connection is gone and nothing is left to read.
-        Messages of an earlier session (another ``session`` number) are dropped.
-        """
-        assert self._conn is not None
-        frames = self._conn.recv(timeout_s)
-        if frames is None:
-            return False
-        try:
-            msg = P.decode(frames, max_bytes=self.max_message_bytes)
-        except ProtocolError as exc:
-            self._items.append(("fail", ProtocolError(f"{self._where()}: {exc}")))
-            return True
-        session = msg.header.get(P.SESSION)
-        if session is not None and session != self._session:
-            return True  # an earlier session's message, still in flight: not ours any more
-        if msg.kind == P.BATCH:
-            self._items.append(("batch", (msg.header, self._stager.stage(msg.tensors))))
-            self._staged += 1
-        else:
-            self._items.append((msg.kind, msg.header))
-        return True
-
     def close(self) -> None:
         """Say goodbye (the producer may exit) and release the socket.
 
         Waits (briefly) for the producer's acknowledgement, draining what is still in flight,
-        so the connection never closes under a producer in the middle of sending.
+        so the connection never closes under a producer in the middle of sending. After a
+        failure the producer is gone or has stopped: no acknowledgement is waited for.
         """
-        if self._conn is not None:
-            sock = self._conn.sock
-            try:
-                self._send(P.BYE, {P.SESSION: self._session})
-                # After a failure the producer is gone or has stopped: no acknowledgement comes.
-                wait_s = 0.0 if self._failed is not None else min(self.timeout_s, 5.0)
-                deadline = time.monotonic() + wait_s
-                while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000)):
-                    frames = sock.recv_multipart()
-                    if _is_bye(frames):
-                        break
-            except zmq.ZMQError:
-                pass
-            self._conn.close(linger_ms=1000)
-            self._conn = None
+        wait_s = 0.0 if self._failed is not None else min(self.timeout_s, 5.0)
+        self._session.close(bye_wait_s=wait_s)
+        self._connected = False
         self._current = None
-        self._items.clear()
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
 
     def __enter__(self) -> FeedClient:
         return self
@@ -422,61 +328,57 @@ class FeedClient:
 
     def _take(self, what: str) -> tuple[str, Any]:
         """Next message in order; waits at most ``timeout_s`` for a live producer (recorded as
-        data wait), and reconnects to a lost one (:meth:`_recover`)."""
-        while True:
-            try:
-                kind, payload = self._take_one(what)
-            except ProducerLost as lost:
-                self._recover(lost.cause)
-                continue
-            if kind == P.CYCLE_START and self._resent is not None:
-                self._check_cycle_start(payload, *self._resent)
-                self._resent = None
-                continue
-            return kind, payload
-
-    def _take_one(self, what: str) -> tuple[str, Any]:
+        data wait), and reconnects to a lost one (:meth:`_recover`). A failure is final."""
         if self._failed is not None:
             raise self._failed
-        if not self._items:
-            self._grant(force=True)  # never block while holding back credit the producer needs
-            t0 = time.monotonic()
-            try:
-                got = self._receive(self.timeout_s)
-            finally:
-                waited = time.monotonic() - t0
-                self.stats.wait_s += waited
-                if self._current is not None:
-                    self._current.wait_s += waited
-            if not got:
-                self._failed = ProducerTimeoutError(
-                    f"no {what} from the {self._where()} within {self.timeout_s:g} s (it is "
-                    "alive: its heartbeats are answered; raise feed.timeout_s for a slow model)"
-                    if self.heartbeat_s > 0
-                    else f"no {what} from the {self._where()} within {self.timeout_s:g} s"
-                )
-                raise self._failed
-        # Stage what has already arrived, so its device copy overlaps the coming step.
         try:
-            while self._staged < self.stage_ahead and self._receive(0):
-                pass
-        except ProducerLost:
-            pass  # noticed again, with nothing queued, by the next wait
-        kind, payload = self._items.popleft()
-        if kind == "batch":
-            self._staged -= 1
-        elif kind == P.ERROR and not payload["fatal"]:
-            log.warning("%s: %s (%s)", self._where(), payload["message"], payload["code"])
-            return self._take_one(what)
-        elif kind == P.ERROR:
-            self._failed = RemoteError(
-                payload["code"], f"{self._where()}: {payload['message']}", rank=self.rank
-            )
-            raise self._failed
-        elif kind == "fail":
-            self._failed = payload
-            raise payload
-        return kind, payload
+            while True:
+                try:
+                    kind, payload = self._take_one(what)
+                except ProducerLost as lost:
+                    self._recover(lost.cause)
+                    continue
+                if kind == P.CYCLE_START and self._resent is not None:
+                    self._check_cycle_start(payload, *self._resent)
+                    self._resent = None
+                    continue
+                return kind, payload
+        except LensfeedError as exc:
+            self._failed = exc
+            raise
+
+    def _take_one(self, what: str) -> tuple[str, Any]:
+        session = self._session
+        while True:
+            if not session.items:
+                self._grant(force=True)  # never block holding back credit the producer needs
+                t0 = time.monotonic()
+                try:
+                    got = session.receive(self.timeout_s)
+                finally:
+                    waited = time.monotonic() - t0
+                    self.stats.wait_s += waited
+                    if self._current is not None:
+                        self._current.wait_s += waited
+                if not got:
+                    alive = (
+                        " (it is alive: its heartbeats are answered; raise feed.timeout_s for a "
+                        "slow model)"
+                        if self.heartbeat_s > 0
+                        else ""
+                    )
+                    raise ProducerTimeoutError(
+                        f"no {what} from the {self._where()} within {self.timeout_s:g} s{alive}"
+                    )
+            # Stage what has already arrived, so its device copy overlaps the coming step.
+            try:
+                while session.staged < self.stage_ahead and session.receive(0):
+                    pass
+            except ProducerLost:
+                pass  # noticed again, with nothing queued, by the next wait
+            item = session.pop()
+            if item is not None:
+                return item
 
     def _credit(self, n: int) -> None:
         self._consumed += n
@@ -486,7 +388,7 @@ class FeedClient:
         """Top the producer's credit back up to the window, in groups of a quarter window."""
         deficit = self._window - (self._granted - self._consumed)
         if deficit > 0 and (force or deficit >= max(1, self._window // 4)):
-            self._send(P.CREDIT, {"n": deficit})
+            self._session.send(P.CREDIT, {"n": deficit})
             self._granted += deficit
 
     def _size_window(self, batch_bytes: int) -> None:
@@ -504,7 +406,7 @@ class FeedClient:
         self.connect()
         cycle, batch = self._cursor = self._normalized_cursor()
         self._asked = (cycle, batch)
-        self._send(P.NEXT_CYCLE, {"cycle": cycle, "batch": batch})
+        self._session.send(P.NEXT_CYCLE, {"cycle": cycle, "batch": batch})
         kind, header = self._take(f"start of cycle {cycle}")
         self._asked = None
         if kind != P.CYCLE_START:

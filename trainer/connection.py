@@ -37,9 +37,7 @@ _EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 class Connection:
     """A connected DEALER; :meth:`recv` raises :class:`ProducerLost` when the peer is gone."""
 
-    def __init__(
-        self, ctx: zmq.Context, endpoint: str, *, heartbeat_s: float, max_message_bytes: int
-    ) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, *, heartbeat_s: float) -> None:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 0)  # credits bound what can arrive
@@ -52,8 +50,7 @@ class Connection:
         self.poller.register(self.monitor, zmq.POLLIN)
         self.handshakes = 0
         self.broken: str | None = None
-        self.opened = time.monotonic()
-        self.last_recv = self.opened
+        self.last_recv = time.monotonic()
         sock.connect(endpoint)
 
     def send(self, frames: list[Any]) -> None:

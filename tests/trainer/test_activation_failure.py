@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from tests._util import make_dataset, python_cmd, torchrun_cmd
-from tests.trainer.test_train import records
+from tests._util import read_records as records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 

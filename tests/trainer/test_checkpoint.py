@@ -11,7 +11,7 @@ import re
 import signal
 import socket
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,8 @@ from lensfeed.common.config import load_config
 from lensfeed.common.errors import ConfigError, LensfeedError
 from lensfeed.trainer import checkpoint
 from tests._util import make_dataset, python_cmd, torchrun_cmd
-from tests.trainer.test_train import records, run_in_process
+from tests._util import read_records as records
+from tests.trainer.test_train import run_in_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -289,17 +290,43 @@ def last_per_step(path: Path) -> dict[int, tuple[list[int], str]]:
 
 
 class Drain:
-    """Reads a child's output in the background, so a full pipe never blocks the child."""
+    """Reads a child's output line by line in the background (a full pipe never blocks the
+    child), so a test can wait for a line instead of polling files against the clock."""
 
     def __init__(self, p) -> None:
-        self.chunks: list[str] = []
-        self.thread = threading.Thread(target=lambda: self.chunks.append(p.stdout.read()))
-        self.thread.daemon = True
+        self.lines: list[str] = []
+        self.done = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(p,), daemon=True)
         self.thread.start()
+
+    def _read(self, p) -> None:
+        for line in p.stdout:
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+        with self.cond:
+            self.done = True
+            self.cond.notify_all()
+
+    def wait_for(
+        self, pattern: str, timeout: float, accept: Callable[[re.Match[str]], bool] = bool
+    ) -> re.Match[str] | None:
+        """The first line matching ``pattern`` whose match ``accept`` takes (None if the child
+        ended or time ran out)."""
+        rx = re.compile(pattern)
+
+        def found() -> re.Match[str] | None:
+            matches = (rx.search(line) for line in self.lines)
+            return next((m for m in matches if m and accept(m)), None)
+
+        with self.cond:
+            self.cond.wait_for(lambda: found() is not None or self.done, timeout)
+            return found()
 
     def __str__(self) -> str:
         self.thread.join(timeout=10)
-        return "".join(self.chunks)
+        return "".join(self.lines)
 
 
 def _run_job(procs, tmp: Path, data: Path, *, restarts: int):
@@ -343,12 +370,12 @@ def test_killed_rank_restarts_and_resumes_from_last_complete_step(procs, tmp_pat
     metrics = {0: run / "metrics.jsonl", 1: run / "metrics.rank1.jsonl"}
 
     trainer, out = _run_job(procs, run, data, restarts=1)
-    # Wait (by watching the metrics, not the clock) for the checkpoint of step 16 to complete.
-    deadline = time.monotonic() + 120
-    while not any(c["step"] >= 16 for c in records(metrics[0], "checkpoint")):
-        assert trainer.poll() is None, f"trainer ended early ({trainer.wait()}): {out}"
-        assert time.monotonic() < deadline, "no checkpoint of step 16 within 120 s"
-        time.sleep(0.05)
+    # Wait (on the trainer's own log, not the clock) for the checkpoint of step 16 to complete.
+    done = out.wait_for(
+        r"rank 0: checkpoint \S*step_(\d+) complete", 120, accept=lambda m: int(m[1]) >= 16
+    )
+    assert done is not None, f"no checkpoint of step >= 16 ({trainer.poll()}): {out}"
+    assert trainer.poll() is None, f"trainer ended early: {out}"
     victim = records(metrics[1], "start")[0]["pid"]
     os.kill(victim, signal.SIGKILL)
     assert trainer.wait(timeout=150) == 0, str(out)

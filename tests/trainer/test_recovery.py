@@ -168,7 +168,7 @@ def test_kill_between_hello_and_welcome(procs, tmp_path, reference) -> None:
     t = threading.Thread(target=connect)
     t.start()
     deadline = time.monotonic() + 10
-    while feed._conn is None and time.monotonic() < deadline:  # the hello is being sent
+    while feed._session.conn is None and time.monotonic() < deadline:  # the hello is being sent
         t.join(0.01)
     rig.kill()
     rig.start()

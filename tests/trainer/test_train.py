@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from lensfeed.common.spec import DataSpec
 from lensfeed.producer.fake import FakeProducer
 from lensfeed.trainer.train import run_training
 from tests._util import python_cmd
+from tests._util import read_records as records
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,13 +35,6 @@ def overrides(tmp_path: Path, world_size: int = 1, **extra: object) -> list[str]
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
-
-
-def records(path: Path, event: str) -> list[dict]:
-    if not path.exists():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    return [r for r in lines if r["event"] == event]
 
 
 def run_in_process(tmp_path: Path, **extra: object) -> tuple[int, Path]:

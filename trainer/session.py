@@ -1,0 +1,174 @@
+"""The client's side of one producer session: the hello that opens it, and its messages in order.
+
+:class:`FeedClient` decides *what* to ask for (cursor, cycles, credits, recovery); a
+:class:`Session` owns the socket and turns what arrives into an ordered queue of
+``(kind, payload)`` items, staging batches to the device as they arrive. Each :meth:`open`
+starts over on a fresh :class:`~lensfeed.trainer.connection.Connection` with a new session
+number, so nothing of an earlier session can be mistaken for this one's (docs/protocol.md 6.2).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from lensfeed.common import protocol as P
+from lensfeed.common.errors import ProducerTimeoutError, ProtocolError, RemoteError
+from lensfeed.common.spec import DataSpec
+from lensfeed.trainer.connection import Connection
+from lensfeed.trainer.device import Stager
+
+log = logging.getLogger("lensfeed.trainer")
+
+
+def _is_bye(frames: list[Any]) -> bool:
+    try:
+        return P.decode_header(frames[0])["kind"] == P.BYE
+    except ProtocolError:
+        return False
+
+
+class Session:
+    """One producer session at a time; :meth:`open` replaces it with a new one."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        rank: int,
+        spec: DataSpec,
+        stager: Stager,
+        heartbeat_s: float,
+        max_message_bytes: int,
+    ) -> None:
+        self.endpoint = endpoint
+        self.rank = rank
+        self.spec = spec
+        self.stager = stager
+        self.heartbeat_s = heartbeat_s
+        self.max_message_bytes = max_message_bytes
+        self.where = f"producer for rank {rank} at {endpoint}"
+        self.conn: Connection | None = None
+        self.items: deque[tuple[str, Any]] = deque()
+        self.staged = 0  # batches in ``items``
+        # The producer echoes this number in every message of the session.
+        self.number = secrets.randbits(31)
+        self._ctx: zmq.Context | None = None
+
+    def open(
+        self, cursor: tuple[int, int], *, credits: int, deadline: float, timeout_s: float
+    ) -> dict[str, Any]:
+        """Say hello on a fresh connection with ``cursor``; returns the WELCOME fields.
+
+        Raises :class:`~lensfeed.trainer.connection.ProducerLost` if the connection dies
+        first, :class:`ProducerTimeoutError` at ``deadline`` (``timeout_s`` is only named).
+        """
+        if self._ctx is None:
+            self._ctx = zmq.Context()
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = Connection(self._ctx, self.endpoint, heartbeat_s=self.heartbeat_s)
+        self.items.clear()
+        self.staged = 0
+        self.number = (self.number + 1) & 0x7FFFFFFF
+        cycle, batch = cursor
+        hello = {
+            "rank": self.rank,
+            "world_size": self.spec.world_size,
+            "spec": self.spec.to_dict(),
+            "fingerprint": self.spec.fingerprint(),
+            "cycle": cycle,
+            "batch": batch,
+            "credits": credits,
+            P.SESSION: self.number,
+        }
+        self.send(P.HELLO, hello)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.receive(left):
+                raise ProducerTimeoutError(
+                    f"no answer to hello from the {self.where} within {timeout_s:g} s"
+                )
+            got = self.pop()
+            if got is None:
+                continue
+            kind, header = got
+            if kind != P.WELCOME or header["fingerprint"] != self.spec.fingerprint():
+                raise ProtocolError(f"{self.where}: expected welcome, got {header}")
+            return dict(header)
+
+    def send(self, kind: str, fields: dict[str, Any]) -> None:
+        assert self.conn is not None
+        self.conn.send(P.encode(kind, fields))
+
+    def receive(self, timeout_s: float) -> bool:
+        """Move one message from the socket into ``items`` (staging batches); False on timeout.
+
+        Raises :class:`~lensfeed.trainer.connection.ProducerLost` when the connection is gone
+        and nothing is left to read. Messages of an earlier session are dropped.
+        """
+        assert self.conn is not None
+        frames = self.conn.recv(timeout_s)
+        if frames is None:
+            return False
+        try:
+            msg = P.decode(frames, max_bytes=self.max_message_bytes)
+        except ProtocolError as exc:
+            self.items.append(("fail", ProtocolError(f"{self.where}: {exc}")))
+            return True
+        session = msg.header.get(P.SESSION)
+        if session is not None and session != self.number:
+            return True  # an earlier session's message, still in flight: not ours any more
+        if msg.kind == P.BATCH:
+            self.items.append(("batch", (msg.header, self.stager.stage(msg.tensors))))
+            self.staged += 1
+        else:
+            self.items.append((msg.kind, msg.header))
+        return True
+
+    def pop(self) -> tuple[str, Any] | None:
+        """The next item; None for a non-fatal ``error`` (logged and skipped). A fatal one is
+        raised as :class:`RemoteError`, an undecodable message as :class:`ProtocolError`."""
+        kind, payload = self.items.popleft()
+        if kind == "batch":
+            self.staged -= 1
+        elif kind == P.ERROR and not payload["fatal"]:
+            log.warning("%s: %s (%s)", self.where, payload["message"], payload["code"])
+            return None
+        elif kind == P.ERROR:
+            raise RemoteError(
+                payload["code"], f"{self.where}: {payload['message']}", rank=self.rank
+            )
+        elif kind == "fail":
+            raise payload
+        return kind, payload
+
+    def close(self, *, bye_wait_s: float) -> None:
+        """Say goodbye and release the socket, waiting up to ``bye_wait_s`` for the producer's
+        acknowledgement (draining what is in flight), so a connection never closes under a
+        producer in the middle of sending."""
+        if self.conn is not None:
+            sock = self.conn.sock
+            try:
+                self.send(P.BYE, {P.SESSION: self.number})
+                deadline = time.monotonic() + bye_wait_s
+                while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000)):
+                    if _is_bye(sock.recv_multipart()):
+                        break
+            except zmq.ZMQError:
+                pass
+            self.conn.close(linger_ms=1000)
+            self.conn = None
+        self.items.clear()
+        self.staged = 0
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+
+__all__ = ["Session"]
