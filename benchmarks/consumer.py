@@ -37,13 +37,20 @@ from lensfeed.common.config import LensfeedConfig, load_config
 from lensfeed.common.logs import setup_logging
 from lensfeed.common.malloc import tune_for_large_messages
 from lensfeed.common.spec import DataSpec
+from lensfeed.producer.fake import tensor_arg
 from lensfeed.trainer.client import FeedClient
 
 
 def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
     spec = DataSpec.from_config(cfg)
     device = torch.device(args.device)
-    feed = FeedClient.from_config(cfg, 0, device=device, cleanup_each_cycle=not args.no_cleanup)
+    feed = FeedClient.from_config(
+        cfg,
+        0,
+        device=device,
+        cleanup_each_cycle=not args.no_cleanup,
+        tensors=dict(args.tensor) or None,
+    )
     cuda = device.type == "cuda"
     t_conn = time.perf_counter()
     feed.connect()
@@ -146,6 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-cleanup", action="store_true", help="cleanup_each_cycle=False")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after connecting")
+    p.add_argument(
+        "--tensor",
+        action="append",
+        type=tensor_arg,
+        default=[],
+        help="a tensor the producer serves, name:dtype:shape (its transform's output)",
+    )
     p.add_argument(
         "--patch", action="append", default=[], help="client-side prototype (benchmarks.patches)"
     )

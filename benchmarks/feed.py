@@ -102,11 +102,13 @@ def run_feed(
     timeout_s: float = 300.0,
     producer_codes: Sequence[int] = (0,),
     thread_cpu: bool = False,
+    endpoint: str | None = None,
 ) -> FeedResult:
-    """Start ``benchmarks.producer_runner`` and ``benchmarks.consumer``; wait for both."""
+    """Start ``benchmarks.producer_runner`` and ``benchmarks.consumer``; wait for both
+    (over ``endpoint``, default a fresh ipc socket)."""
     ov = overrides(
         dataset=dataset,
-        endpoint=work.endpoint(name),
+        endpoint=endpoint or work.endpoint(name),
         cycle_samples=cycle_batches * batch_size,
         shuffle=shuffle,
         batch_size=batch_size,
@@ -139,6 +141,7 @@ def run_feed(
         "--warmup",
         str(warmup),
         *consumer_args,
+        *_declared_tensors(transform),
     )
     for patch in consumer_patches:
         c_cmd += ["--patch", patch]
@@ -166,6 +169,12 @@ def run_feed(
     if sampler and timed:
         result.threads = sampler.between(timed[0]["wall_start"], timed[-1]["wall_end"])
     return result
+
+
+def _declared_tensors(transform: str) -> list[str]:
+    """The client declares what an ``act:DTYPE:SHAPE`` transform serves instead of tokens."""
+    kind, _, rest = transform.partition(":")
+    return ["--tensor", f"A:{rest}", "--tensor", "sample_idx:int64:"] if kind == "act" else []
 
 
 __all__ = ["FeedResult", "overrides", "profiler", "run_feed"]

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import string
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lensfeed.common.errors import ConfigError
+
+#: Most batches a client may have in flight; a producer honours no more credit than this.
+MAX_PREFETCH = 1 << 16
 
 
 class LensfeedWarning(UserWarning):
@@ -50,7 +54,8 @@ class DatasetConfig:
 class FeedConfig:
     """The producer <-> trainer channel."""
 
-    #: Endpoint template the trainer connects to; ``{rank}`` is replaced by the rank.
+    #: Endpoint template the trainer connects to; ``{rank}`` is replaced by the rank (a format
+    #: spec works too: ``tcp://host:5{rank:04d}`` is port 50000 + rank).
     endpoint: str = "ipc:///tmp/lensfeed/rank{rank}.sock"
     #: Endpoint template the producer binds; empty = same as ``endpoint``.
     bind: str = ""
@@ -77,8 +82,15 @@ class FeedConfig:
     max_ahead_batches: int = 256
     #: Most bytes the producer holds ready; 0 = no byte cap.
     max_ahead_bytes: int = 1 << 30
-    #: Largest frame accepted from the peer.
-    max_message_bytes: int = 1 << 31
+    #: Largest message accepted from the peer (bytes of tensor data). It is also libzmq's
+    #: ``ZMQ_MAXMSGSIZE`` on the client, so an oversized frame is dropped before it is allocated.
+    max_message_bytes: int = 256 << 20
+    #: CURVE key set (``lensfeed keys DIR``): tcp is authenticated and encrypted, the client
+    #: pins the producer's key and the producer accepts only keys in ``DIR/authorized``.
+    keys_dir: str = ""
+    #: Let a producer bind a non-loopback tcp address without ``keys_dir`` (anyone who can
+    #: reach the port can then read the feed); logs a warning at start.
+    insecure: bool = False
     #: Seconds a producer that failed at start waits for a trainer to tell before it exits.
     error_linger_s: float = 10.0
     #: Seconds a producer waits without any trainer message before it exits; 0 = forever.
@@ -118,6 +130,9 @@ class ActivationsConfig:
     forward_batch_size: int = 32
     #: Also emit ``A_prime``, the same activation of a partner sample of the same cycle.
     pairs: bool = False
+    #: Run a model directory's own Python code (Hugging Face ``auto_map``); off: only the
+    #: architectures transformers ships load.
+    trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -302,6 +317,8 @@ def validate(cfg: LensfeedConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"'{key}' must be positive (got {value})")
+    if cfg.feed.prefetch > MAX_PREFETCH:
+        raise ConfigError(f"'feed.prefetch' must be <= {MAX_PREFETCH} (got {cfg.feed.prefetch})")
     for key, value in {
         "feed.timeout_s": cfg.feed.timeout_s,
         "training.collective_timeout_s": cfg.training.collective_timeout_s,
@@ -362,7 +379,19 @@ def validate(cfg: LensfeedConfig) -> None:
         )
     if len(set(cfg.dataset.columns)) != len(cfg.dataset.columns):
         raise ConfigError(f"'dataset.columns' has duplicates (got {list(cfg.dataset.columns)})")
-    if "{rank}" not in cfg.feed.endpoint and cfg.world_size > 1:
+    for key, template in {"feed.endpoint": cfg.feed.endpoint, "feed.bind": cfg.feed.bind}.items():
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+            template.format(rank=0)
+        except (ValueError, KeyError, IndexError) as exc:
+            raise ConfigError(
+                f"'{key}' is not a valid template (got {template!r}: {exc}); use {{rank}} or "
+                "a format such as {rank:04d}"
+            ) from None
+        if names - {"rank"}:
+            raise ConfigError(f"'{key}' may only use the {{rank}} placeholder (got {template!r})")
+    endpoint_names = {n for _, n, _, _ in string.Formatter().parse(cfg.feed.endpoint) if n}
+    if "rank" not in endpoint_names and cfg.world_size > 1:
         raise ConfigError(
             f"'feed.endpoint' must contain '{{rank}}' when world_size > 1 "
             f"(got {cfg.feed.endpoint!r})"

@@ -38,6 +38,13 @@ class ProtocolError(LensfeedError):
     code = "protocol"
 
 
+class AuthenticationError(LensfeedError):
+    """The CURVE handshake failed: the peer's key is not the pinned or allowlisted one, or one
+    side runs without CURVE. A configuration problem, so it is never retried."""
+
+    code = "auth"
+
+
 class StateMismatchError(LensfeedError):
     """Producer and trainer (or a checkpoint) disagree on what shapes the data."""
 
@@ -84,6 +91,7 @@ class RankFailedError(LensfeedError):
 
 
 __all__ = [
+    "AuthenticationError",
     "ConfigError",
     "EmptyShardError",
     "LensfeedError",

@@ -110,6 +110,45 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     ERROR: {"code": _STR, "message": _STR, "fatal": _BOOL},
 }
 
+#: Inclusive ranges of integer fields (any kind). Everything a peer sends is range-checked here,
+#: before use, so no counter can overflow a C long, a numpy index or a tensor shape downstream.
+MAX_RANK = (1 << 20) - 1
+MAX_COUNTER = (1 << 31) - 1  # cycles, batches, credits: far beyond any real run
+MAX_ROWS = (1 << 62) - 1  # rows, positions and wrap counts of a shard
+MAX_DIM = (1 << 31) - 1  # one tensor dimension
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "rank": (0, MAX_RANK),
+    "world_size": (1, MAX_RANK + 1),
+    "cycle": (0, MAX_COUNTER),
+    "batch": (0, MAX_COUNTER),
+    "credits": (0, MAX_COUNTER),
+    "n": (0, MAX_COUNTER),
+    "count": (1, MAX_COUNTER),
+    "batches": (0, MAX_COUNTER),
+    "start_batch": (0, MAX_COUNTER),
+    "seq": (0, MAX_ROWS),
+    "wraps": (0, MAX_ROWS),
+    "total_wraps": (0, MAX_ROWS),
+    "shard_pos": (0, MAX_ROWS),
+    "shard_rows": (0, MAX_ROWS),
+    "shard_offset": (0, MAX_ROWS),
+}
+#: Longest string field (fingerprints are 16 hex digits; error messages are bounded text).
+MAX_STR = MAX_HEADER_BYTES
+
+
+def describe(value: Any, limit: int = 40) -> str:
+    """A short, safe description of a peer's value for an error message: never the repr of a
+    nested structure (unbounded and recursive), and strings and ints cut to ``limit``."""
+    if isinstance(value, (bool, float)) or value is None:
+        return repr(value)
+    if isinstance(value, (int, str, bytes)):
+        text = repr(value)
+        return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
+
 
 #: Optional field of any kind, checked when present: the client's number for its current hello,
 #: echoed by the producer in every message of that session, so a client can tell what an earlier
@@ -197,25 +236,62 @@ def decode_header(frame: Any) -> dict[str, Any]:
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"protocol version mismatch: peer speaks {version!r}, this side speaks "
+            f"protocol version mismatch: peer speaks {describe(version)}, this side speaks "
             f"{PROTOCOL_VERSION}"
         )
     kind = header.get("kind")
     if not isinstance(kind, str) or kind not in SCHEMA:
-        raise ProtocolError(f"unknown message kind {kind!r}")
+        raise ProtocolError(f"unknown message kind {describe(kind)}")
     for key, types in SCHEMA[kind].items():
         value = header.get(key)
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if not ok:
             want = "/".join(t.__name__ for t in types)
-            raise ProtocolError(f"{kind} message: field '{key}' must be {want}, got {value!r}")
+            raise ProtocolError(
+                f"{kind} message: field '{key}' must be {want}, got {describe(value)}"
+            )
+        if types is _INT:
+            lo, hi = INT_RANGES[key]
+            if not lo <= value <= hi:
+                raise ProtocolError(
+                    f"{kind} message: field '{key}' must be in [{lo}, {hi}], got {describe(value)}"
+                )
+        elif types is _STR and len(value) > MAX_STR:
+            raise ProtocolError(f"{kind} message: field '{key}' is longer than {MAX_STR} chars")
+        elif types is _NUM and not (math.isfinite(value) and value >= 0):
+            raise ProtocolError(
+                f"{kind} message: field '{key}' must be finite and >= 0, got {describe(value)}"
+            )
     session = header.get(SESSION)
     if session is not None and (type(session) is not int or not 0 <= session <= MAX_SESSION):
         raise ProtocolError(
             f"{kind} message: field '{SESSION}' must be an int in [0, {MAX_SESSION}], "
-            f"got {session!r}"
+            f"got {describe(session)}"
         )
     return header
+
+
+def peek_kind(frames: Sequence[Any]) -> str | None:
+    """The ``kind`` of a message that failed validation, if its header says one (so a producer
+    can refuse a malformed hello for good); None when even that cannot be read."""
+    try:
+        header = (
+            msgpack.unpackb(
+                _buffer(frames[0]),
+                raw=False,
+                max_bin_len=0,
+                max_ext_len=0,
+                max_str_len=MAX_STR,
+                max_array_len=4096,
+                max_map_len=256,
+            )
+            if frames and _buffer(frames[0]).nbytes <= MAX_HEADER_BYTES
+            else None
+        )
+    except Exception:  # garbage: no kind
+        return None
+    kind = header.get("kind") if isinstance(header, dict) else None
+    return kind if isinstance(kind, str) and kind in SCHEMA else None
 
 
 def _tensor_descr(header: dict[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -225,18 +301,25 @@ def _tensor_descr(header: dict[str, Any]) -> list[tuple[str, str, tuple[int, ...
     out = []
     for item in descr:
         if not (isinstance(item, list) and len(item) == 3):
-            raise ProtocolError(f"tensor descriptor must be [name, dtype, shape], got {item!r}")
+            raise ProtocolError(
+                f"tensor descriptor must be [name, dtype, shape], got {describe(item)}"
+            )
         name, dtype, shape = item
-        if not isinstance(name, str) or not name:
-            raise ProtocolError(f"tensor name must be a non-empty string, got {name!r}")
+        if not isinstance(name, str) or not 0 < len(name) <= 256:
+            raise ProtocolError(
+                f"tensor name must be a string of 1-256 chars, got {describe(name)}"
+            )
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise ProtocolError(f"tensor '{name}': dtype {dtype!r} not in {sorted(DTYPES)}")
+            raise ProtocolError(f"tensor '{name}': dtype {describe(dtype)} not in {sorted(DTYPES)}")
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_NDIM
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
         ):
-            raise ProtocolError(f"tensor '{name}': bad shape {shape!r}")
+            raise ProtocolError(
+                f"tensor '{name}': shape must be at most {MAX_NDIM} ints in [0, {MAX_DIM}], "
+                f"got {describe(shape)}"
+            )
         out.append((name, dtype, tuple(shape)))
     if len({n for n, _, _ in out}) != len(out):
         raise ProtocolError("batch has duplicate tensor names")
@@ -268,6 +351,11 @@ def decode(frames: Sequence[Any], *, max_bytes: int = 1 << 31) -> Message:
         buf = _buffer(frame)
         tdtype, itemsize = DTYPES[dtype]
         want = math.prod(shape) * itemsize
+        if want > max_bytes or (want == 0 and math.prod(d for d in shape if d) > MAX_ROWS):
+            # Checked before any allocation: torch.empty of an overflowing shape raises from C.
+            raise ProtocolError(
+                f"tensor '{name}': shape {list(shape)} is beyond the {max_bytes}-byte message limit"
+            )
         if buf.nbytes != want:
             raise ProtocolError(
                 f"tensor '{name}': shape {list(shape)} x {itemsize} bytes = {want}, "
@@ -300,6 +388,7 @@ __all__ = [
     "DTYPES",
     "ERROR",
     "HELLO",
+    "INT_RANGES",
     "MAX_HEADER_BYTES",
     "Message",
     "MAX_SESSION",
@@ -310,8 +399,10 @@ __all__ = [
     "WELCOME",
     "decode",
     "decode_header",
+    "describe",
     "dtype_name",
     "encode",
     "error_fields",
     "frombuffer",
+    "peek_kind",
 ]

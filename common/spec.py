@@ -69,12 +69,28 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) != names:
-            raise ValueError(f"data spec keys {sorted(d)} != expected {sorted(names)}")
+        """The spec a peer sent, each field checked for its declared type and range first (a
+        ``shuffle: 1`` or a nested list must be refused, not compared)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, Mapping) or set(d) != set(names):
+            got = sorted(map(str, d)) if isinstance(d, Mapping) else type(d).__name__
+            raise ValueError(f"data spec keys {got} != expected {sorted(names)}")
+        for name in names:
+            _check_field(name, d[name])
         kw = dict(d)
         kw["columns"] = tuple(kw["columns"])
         return cls(**kw)
+
+    def tensor_contract(self) -> tuple[dict[str, str], dict[str, str]]:
+        """What a producer of this spec sends in every batch: ``(required, optional)`` maps of
+        tensor name -> ``"int"`` or ``"float"``. The client holds each batch to it."""
+        required = {c: "int" for c in self.columns}
+        required["sample_idx"] = "int"
+        optional: dict[str, str] = {}
+        if self.builder == "activations":
+            required.update(A="float", token_pos="int")
+            optional.update(A_prime="float", pair_sample_idx="int", pair_token_pos="int")
+        return required, optional
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -100,6 +116,34 @@ class DataSpec:
             return 0
         b = self.batch_size
         return (self.initial_cycle_size // b) * b + (cycle - 1) * (self.cycle_size // b) * b
+
+
+_MAX_TEXT = 4096
+_INT_MAX = (1 << 62) - 1
+
+
+def _check_field(name: str, value: Any) -> None:
+    """Type and range of one spec field as a peer sent it (``bool`` is not an ``int`` here)."""
+    if name in ("dataset", "builder", "builder_args"):
+        ok = isinstance(value, str) and len(value) <= _MAX_TEXT
+        want = f"a string of at most {_MAX_TEXT} chars"
+    elif name == "columns":
+        ok = (
+            isinstance(value, (list, tuple))
+            and 0 < len(value) <= 64
+            and all(isinstance(c, str) and 0 < len(c) <= 256 for c in value)
+        )
+        want = "a list of 1-64 column names"
+    elif name == "shuffle":
+        ok, want = type(value) is bool, "a bool"
+    elif name == "seed":
+        ok, want = type(value) is int and 0 <= value <= _INT_MAX, f"an int in [0, {_INT_MAX}]"
+    else:  # world_size, batch_size, cycle sizes
+        ok = type(value) is int and 1 <= value <= _INT_MAX
+        want = f"an int in [1, {_INT_MAX}]"
+    if not ok:
+        kind = type(value).__name__
+        raise ValueError(f"data spec field '{name}' must be {want} (got a {kind})")
 
 
 __all__ = ["DataSpec"]

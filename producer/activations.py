@@ -150,7 +150,11 @@ class ActivationBuilder:
         self._lo, self._hi = position_range(act, seq_len)
         self._seq_len = seq_len
         self.model: torch.nn.Module | None = models.load_model(
-            self.spec, tiny=act.tiny, device=self.device, dtype=self.compute_dtype
+            self.spec,
+            tiny=act.tiny,
+            device=self.device,
+            dtype=self.compute_dtype,
+            trust_remote_code=act.trust_remote_code,
         )
         self.num_layers = models.model_layers(self.model, spec=self.spec)
         layer = models.resolve_layer(act.layer, self.num_layers)

@@ -29,7 +29,8 @@ from lensfeed.common.errors import LensfeedError
 from lensfeed.common.logs import setup_logging
 from lensfeed.common.spec import DataSpec
 from lensfeed.producer.cycle import CycleCursor, CycleInfo
-from lensfeed.producer.server import ProducerServer, bind_socket
+from lensfeed.producer.listener import Listener
+from lensfeed.producer.server import ProducerServer
 from lensfeed.producer.source import Batch, Chunk
 
 log = logging.getLogger("lensfeed.producer")
@@ -131,7 +132,8 @@ class FakeProducer:
         self.source = FakeSource(spec, rank=rank, **source_kwargs)  # type: ignore[arg-type]
         self.feed = feed or FeedConfig(exit_on_bye=False)
         self._ctx = zmq.Context()
-        self._sock = bind_socket(self._ctx, endpoint, heartbeat_s=self.feed.heartbeat_timeout_s)
+        self._listener = Listener(self._ctx, endpoint, self.feed)
+        self._sock = self._listener.sock
         if endpoint.endswith(":0") or endpoint.endswith(":*"):
             self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.server = ProducerServer(self.source, sock=self._sock, feed=self.feed)
@@ -150,7 +152,7 @@ class FakeProducer:
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise RuntimeError("fake producer did not stop")
-        self._sock.close(linger=0)
+        self._listener.close(linger_ms=0)
         self._ctx.term()
 
     def __enter__(self) -> FakeProducer:
@@ -160,7 +162,7 @@ class FakeProducer:
         self.stop()
 
 
-def _tensor_arg(text: str) -> tuple[str, tuple[str, tuple[int, ...]]]:
+def tensor_arg(text: str) -> tuple[str, tuple[str, tuple[int, ...]]]:
     """``name:dtype:d1xd2`` -> (name, (dtype, shape))."""
     try:
         name, dtype, dims = text.split(":")
@@ -184,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tensor",
         action="append",
-        type=_tensor_arg,
+        type=tensor_arg,
         default=[],
         help="tensor to serve as name:dtype:shape, e.g. A:float32:2304 (repeatable)",
     )
@@ -213,12 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             delay_s=args.delay_s,
         )
         ctx = zmq.Context()
-        sock = bind_socket(ctx, cfg.bind_for(rank), heartbeat_s=cfg.feed.heartbeat_timeout_s)
+        listener = Listener(ctx, cfg.bind_for(rank), cfg.feed)
         log.info("fake producer rank %d on %s: %s", rank, cfg.bind_for(rank), tensors)
         try:
-            return ProducerServer(source, sock=sock, feed=cfg.feed).serve()
+            return ProducerServer(source, sock=listener.sock, feed=cfg.feed).serve()
         finally:
-            sock.close(linger=2000)
+            listener.close(linger_ms=2000)
             ctx.term()
     except LensfeedError as exc:
         log.error("%s", exc)

@@ -59,13 +59,19 @@ def run_producer(cfg: LensfeedConfig, rank: int) -> int:
     """Serve rank's shard; returns the exit code (non-zero after a fatal error)."""
     import zmq
 
-    from lensfeed.producer.server import ProducerServer, bind_socket, linger_with_error
+    from lensfeed.producer.listener import Listener
+    from lensfeed.producer.server import ProducerServer, linger_with_error
 
     if not 0 <= rank < cfg.world_size:
         raise LensfeedError(f"--rank {rank} is outside world_size {cfg.world_size}")
     endpoint = cfg.bind_for(rank)
     ctx = zmq.Context()
-    sock = bind_socket(ctx, endpoint, heartbeat_s=cfg.feed.heartbeat_timeout_s)
+    try:
+        listener = Listener(ctx, endpoint, cfg.feed)
+    except BaseException:
+        ctx.term()
+        raise
+    sock = listener.sock
     try:
         try:
             source = build_source(cfg, rank)
@@ -110,7 +116,7 @@ def run_producer(cfg: LensfeedConfig, rank: int) -> int:
         )
         return code
     finally:
-        sock.close(linger=2000)  # a final error or goodbye still leaves; nothing else is queued
+        listener.close(linger_ms=2000)  # a final error or goodbye still leaves
         ctx.term()
 
 

@@ -128,6 +128,7 @@ def load_model(
     tiny: TinyModelConfig,
     device: str | torch.device,
     dtype: torch.dtype,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """Build or load the model ``spec`` names, frozen (eval, no grads), on ``device`` in ``dtype``.
 
@@ -147,7 +148,7 @@ def load_model(
         elif is_factory_spec(spec):
             model = _from_factory(spec)
         elif Path(spec).is_dir():
-            model = _from_hf_dir(spec, dtype=dtype)
+            model = _from_hf_dir(spec, dtype=dtype, trust_remote_code=trust_remote_code)
         else:
             raise ConfigError(
                 f"'activations.model' = {spec!r} is not 'tiny', an existing model directory, "
@@ -206,7 +207,9 @@ def _from_factory(spec: str) -> nn.Module:
     return model
 
 
-def _from_hf_dir(path: str, *, dtype: torch.dtype) -> nn.Module:
+def _from_hf_dir(path: str, *, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """A local model directory; its own Python code (``auto_map``) runs only if the config
+    opts in with ``activations.trust_remote_code``."""
     try:
         import transformers
     except ImportError:
@@ -218,7 +221,10 @@ def _from_hf_dir(path: str, *, dtype: torch.dtype) -> nn.Module:
     dtype_kw = "dtype" if version >= (4, 56) else "torch_dtype"  # torch_dtype is deprecated
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, **{dtype_kw: dtype}
+            path,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            **{dtype_kw: dtype},
         )
     except torch.cuda.OutOfMemoryError:
         raise

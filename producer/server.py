@@ -3,56 +3,45 @@
 One ROUTER socket serves one trainer rank at a time (a new HELLO replaces a dead session, which
 is how a restarted trainer resumes). Batches leave only while the trainer has granted credits,
 so at most ``prefetch`` batches are ever in flight and neither side's memory grows.
+
+Every message is hostile until validated: no message from any peer ends or stalls the producer.
+A bad one is answered (at a bounded rate) and logged (within a budget, :mod:`.peers`); an
+unexpected exception while handling one is contained to that message.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import zmq
 
 from lensfeed.common import protocol as P
-from lensfeed.common.config import FeedConfig
+from lensfeed.common.config import MAX_PREFETCH, FeedConfig
 from lensfeed.common.errors import LensfeedError, ProtocolError, StateMismatchError
 from lensfeed.common.spec import DataSpec
-from lensfeed.common.transport import set_heartbeats
 from lensfeed.producer.ahead import Prefetcher, Ready
+from lensfeed.producer.listener import bind_socket
 from lensfeed.producer.packing import Packer, message_batches, stack
+from lensfeed.producer.peers import PeerGuard
 from lensfeed.producer.source import BatchSource
 
 log = logging.getLogger("lensfeed.producer")
 
 #: Poll interval of the server loop; bounds how late a shutdown or idle check can be.
 _TICK_S = 0.05
-
-
-def bind_socket(ctx: zmq.Context, endpoint: str, *, heartbeat_s: float = 0.0) -> zmq.Socket:
-    """A ROUTER bound to ``endpoint`` (creating the ipc directory); errors name the endpoint."""
-    if endpoint.startswith("ipc://"):
-        Path(endpoint[len("ipc://") :]).parent.mkdir(parents=True, exist_ok=True)
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.SNDHWM, 0)  # credits bound what is queued; never drop or block here
-    sock.setsockopt(zmq.RCVHWM, 1000)
-    set_heartbeats(sock, heartbeat_s)
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as exc:
-        sock.close()
-        raise LensfeedError(f"cannot bind producer endpoint {endpoint}: {exc}") from None
-    return sock
+#: Most incoming messages handled before the loop serves batches again: a flood of messages
+#: (from anyone) cannot stall the trainer being served.
+_MAX_MESSAGES_PER_TICK = 256
 
 
 def _send(sock: zmq.Socket, peer: bytes, frames: list) -> bool:
-    """Send to ``peer``; False if the peer is gone (ROUTER_MANDATORY)."""
+    """Send to ``peer`` without blocking; False if the peer is gone or its queue is full."""
     try:
-        sock.send_multipart([peer, *frames], copy=False)
+        sock.send_multipart([peer, *frames], copy=False, flags=zmq.NOBLOCK)
         return True
     except zmq.ZMQError as exc:
-        if exc.errno == zmq.EHOSTUNREACH:
+        if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
             return False
         raise
 
@@ -62,7 +51,7 @@ def send_error(
 ) -> None:
     code = err.code if isinstance(err, LensfeedError) else "internal"
     text = str(err) if isinstance(err, LensfeedError) else f"{type(err).__name__}: {err}"
-    fields = P.error_fields(code, text, fatal=fatal)
+    fields = P.error_fields(code, text[: P.MAX_STR], fatal=fatal)
     if session is not None:
         fields[P.SESSION] = session
     _send(sock, peer, P.encode(P.ERROR, fields))
@@ -76,17 +65,33 @@ def _session_of(frames: list) -> int | None:
         return None
 
 
+def peers_trusted(sock: zmq.Socket) -> bool:
+    """Whether every peer that can reach ``sock`` is authenticated: a CURVE server (ZAP checks
+    each key) or an ipc socket in a private directory. Refusals to others carry no values."""
+    if sock.getsockopt(zmq.CURVE_SERVER):
+        return True
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return endpoint.startswith(("ipc://", "inproc://"))
+
+
 def linger_with_error(sock: zmq.Socket, err: BaseException, *, linger_s: float) -> None:
     """After a fatal start-up error: answer every message with it for ``linger_s`` seconds, so
-    a trainer that starts, or retries, within that window learns the cause instead of waiting."""
+    a trainer that starts, or retries, within that window learns the cause instead of waiting.
+    Peers that are not authenticated learn only the error's code (its text may name paths)."""
+    if not peers_trusted(sock):
+        code = err.code if isinstance(err, LensfeedError) else "internal"
+        err = LensfeedError(f"the producer failed at start ({code}); its log has the details")
+        err.code = code
+    guard = PeerGuard()
     deadline = time.monotonic() + linger_s
     told: set[bytes] = set()
     while (remaining := deadline - time.monotonic()) > 0:
         if not sock.poll(int(remaining * 1000)):
             return
         peer, *frames = sock.recv_multipart()
-        send_error(sock, peer, err, fatal=True, session=_session_of(frames))
-        if peer not in told and len(told) < 1000:
+        if guard.may_reply(peer):
+            send_error(sock, peer, err, fatal=True, session=_session_of(frames))
+        if peer not in told and len(told) < 100:
             told.add(peer)
             log.info("told a trainer (peer %s) about the error", peer.hex())
 
@@ -118,6 +123,12 @@ class ProducerServer:
         self.batches_sent = 0
         self.bytes_sent = 0
         self._stop: int | None = None
+        #: Whether peers are authenticated (CURVE or a private ipc directory): refusals to
+        #: others name the fields that differ, never this producer's values or paths.
+        self.trusted = peers_trusted(sock)
+        #: The authenticated key (CURVE User-Id) that owns the session; only it may take over.
+        self.owner: str | None = None
+        self.guard = PeerGuard()
 
     @property
     def _batch_nbytes(self) -> int:
@@ -161,11 +172,18 @@ class ProducerServer:
                             break
                     if items or self.credits > 0:
                         timeout_ms = 0
-                while self._stop is None and self.sock.poll(timeout_ms):
+                handled = 0
+                while (
+                    self._stop is None
+                    and handled < _MAX_MESSAGES_PER_TICK
+                    and self.sock.poll(timeout_ms)
+                ):
                     timeout_ms = 0
+                    handled += 1
                     frames = self.sock.recv_multipart(copy=False)
                     last_msg = time.monotonic()
                     self._handle(frames[0].bytes, frames[1:])
+                self.guard.tick()
                 idle = self.feed.idle_timeout_s
                 if idle > 0 and time.monotonic() - last_msg > idle:
                     log.error("rank %d: no trainer message for %.0f s; exiting", self.rank, idle)
@@ -227,18 +245,38 @@ class ProducerServer:
 
     # ---------------------------------------------------------------- incoming
 
+    def _refuse(self, peer: bytes, err: BaseException, *, fatal: bool, session: int | None) -> None:
+        """Answer a bad message (at the peer's allowed rate) and count it."""
+        self.guard.bad(peer, "%s", err)
+        if self.guard.may_reply(peer):
+            send_error(self.sock, peer, err, fatal=fatal, session=session)
+
     def _handle(self, peer: bytes, frames: list) -> None:
+        """One message from one peer; nothing it holds can end or stall the service."""
         try:
             msg = P.decode(frames, max_bytes=P.MAX_HEADER_BYTES)
         except Exception as exc:  # garbage from a peer must never take the producer down
             if not isinstance(exc, ProtocolError):
-                exc = ProtocolError(f"undecodable message ({type(exc).__name__}: {exc})")
-            log.warning("rank %d: rejected malformed message: %s", self.rank, exc)
-            send_error(self.sock, peer, exc, fatal=False, session=_session_of(frames))
+                exc = ProtocolError(f"undecodable message ({type(exc).__name__})")
+            # A malformed hello is refused for good: its client must fail now, not time out.
+            fatal = P.peek_kind(frames) == P.HELLO
+            self._refuse(peer, exc, fatal=fatal, session=_session_of(frames))
             return
+        try:
+            self._dispatch(peer, msg, frames)
+        except Exception as exc:  # a bug or a corner case: contain it to this one message
+            log.exception(
+                "rank %d: error handling '%s' from peer %s", self.rank, msg.kind, peer.hex()
+            )
+            err = ProtocolError(
+                f"the producer could not handle '{msg.kind}' ({type(exc).__name__})"
+            )
+            self._refuse(peer, err, fatal=msg.kind == P.HELLO, session=msg.header.get(P.SESSION))
+
+    def _dispatch(self, peer: bytes, msg: P.Message, frames: list) -> None:
         session = msg.header.get(P.SESSION)
         if msg.kind == P.HELLO:
-            self._hello(peer, msg)
+            self._hello(peer, msg, frames)
             return
         if msg.kind == P.BYE and peer in (self.peer, self.last_peer):
             # Also from a session already dropped (its socket closed mid-send): still goodbye.
@@ -254,19 +292,17 @@ class ProducerServer:
             return
         if peer != self.peer:
             err = ProtocolError(f"'{msg.kind}' before hello: say hello first")
-            send_error(self.sock, peer, err, fatal=False, session=session)
+            self._refuse(peer, err, fatal=False, session=session)
             return
         if msg.kind == P.CREDIT:
-            if msg["n"] < 0:
-                err = ProtocolError("negative credit")
-                send_error(self.sock, peer, err, fatal=False, session=session)
-                return
-            self.credits += msg["n"]
+            # More outstanding credit than any client may hold is clamped: it cannot make the
+            # producer queue more than MAX_PREFETCH batches for the trainer.
+            self.credits = min(self.credits + msg["n"], MAX_PREFETCH)
         elif msg.kind == P.NEXT_CYCLE:
             self._next_cycle(peer, msg["cycle"], msg["batch"])
         else:
             err = ProtocolError(f"unexpected '{msg.kind}' from trainer")
-            send_error(self.sock, peer, err, fatal=False, session=session)
+            self._refuse(peer, err, fatal=False, session=session)
 
     def _check_cursor(self, cycle: int, batch: int) -> None:
         n = self.spec.batches_in_cycle(max(cycle, 0))
@@ -275,42 +311,66 @@ class ProducerServer:
                 f"cursor (cycle {cycle}, batch {batch}) is invalid: cycle must be >= 0 and "
                 f"batch in [0, {n})"
             )
+        if self.spec.cycle_start(cycle + 1) > P.MAX_ROWS:
+            raise ProtocolError(f"cursor cycle {cycle} is beyond any stream position")
 
-    def _hello(self, peer: bytes, msg: P.Message) -> None:
+    def _mismatch(self, msg: P.Message) -> str | None:
+        """What differs between the hello and this producer, or None. To an unauthenticated
+        peer only field names (and the peer's own values) are said, never ours."""
+        if msg["world_size"] != self.spec.world_size:
+            if not self.trusted:
+                return f"world_size differs (trainer: {msg['world_size']})"
+            return f"trainer world_size {msg['world_size']} vs producer {self.spec.world_size}"
+        if msg["rank"] != self.rank:
+            where = "" if not self.trusted else f" connected to the producer of rank {self.rank}"
+            return f"trainer rank {msg['rank']}{where} is not served here; check feed.endpoint"
         try:
-            if msg["world_size"] != self.spec.world_size:
-                raise StateMismatchError(
-                    f"trainer world_size {msg['world_size']} vs producer world_size "
-                    f"{self.spec.world_size}"
-                )
-            if msg["rank"] != self.rank:
-                raise StateMismatchError(
-                    f"trainer rank {msg['rank']} connected to the producer of rank {self.rank}; "
-                    "check feed.endpoint"
-                )
-            try:
-                theirs = DataSpec.from_dict(msg["spec"])
-            except (TypeError, ValueError) as exc:
-                raise ProtocolError(f"hello has a malformed data spec: {exc}") from None
-            diffs = theirs.differences(self.spec)
-            if diffs or msg["fingerprint"] != self.spec.fingerprint():
-                detail = "; ".join(diffs) or (
-                    f"fingerprint {msg['fingerprint']} vs {self.spec.fingerprint()}"
-                )
-                raise StateMismatchError(
-                    f"rank {self.rank}: trainer and producer configs differ (trainer vs "
-                    f"producer): {detail}"
-                )
+            theirs = DataSpec.from_dict(msg["spec"])
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"hello has a malformed data spec: {exc}") from None
+        if theirs == self.spec and msg["fingerprint"] == self.spec.fingerprint():
+            return None
+        if self.trusted:
+            detail = "; ".join(theirs.differences(self.spec))
+            detail = detail or f"fingerprint {msg['fingerprint']} vs {self.spec.fingerprint()}"
+            return (
+                f"rank {self.rank}: trainer and producer configs differ (trainer vs producer): "
+                f"{detail}"
+            )
+        ours, sent = self.spec.to_dict(), theirs.to_dict()
+        fields = [k for k in ours if ours[k] != sent[k]] or ["fingerprint"]
+        return f"rank {self.rank}: trainer and producer configs differ in: {', '.join(fields)}"
+
+    def _hello(self, peer: bytes, msg: P.Message, frames: list) -> None:
+        session = msg.header.get(P.SESSION)
+        owner = _user_id(frames)
+        try:
+            detail = self._mismatch(msg)
+            if detail is not None:
+                raise StateMismatchError(detail)
             self._check_cursor(msg["cycle"], msg["batch"])
+            if self.owner is not None and owner != self.owner:
+                raise StateMismatchError(
+                    f"rank {self.rank}: the session belongs to another client key; only its "
+                    "owner may take it over"
+                )
         except LensfeedError as exc:
-            log.error("rank %d: refused trainer: %s", self.rank, exc)
-            send_error(self.sock, peer, exc, fatal=True, session=msg.header.get(P.SESSION))
+            self.guard.bad(peer, "refused trainer: %s", exc)
+            if self.guard.may_reply(peer):
+                send_error(self.sock, peer, exc, fatal=True, session=session)
             return
         if self.peer is not None and peer != self.peer:
             log.warning("rank %d: a new trainer session replaces the previous one", self.rank)
+            # Tell the old session, so a client that is still there fails with the reason
+            # instead of waiting out feed.timeout_s (a restarted trainer's old socket is gone).
+            err = StateMismatchError(
+                f"rank {self.rank}: another trainer's hello took over this producer's session"
+            )
+            send_error(self.sock, self.peer, err, fatal=True, session=self.session)
         self.peer = self.last_peer = peer
-        self.session = msg.header.get(P.SESSION)
-        self.credits = max(0, msg["credits"])
+        self.owner = owner
+        self.session = session
+        self.credits = min(msg["credits"], MAX_PREFETCH)
         self.packer = Packer(self.feed.batches_per_message, self._batch_nbytes)
         self.seq = 0
         self.serving = None
@@ -332,7 +392,7 @@ class ProducerServer:
         try:
             self._check_cursor(cycle, batch)
         except ProtocolError as exc:
-            send_error(self.sock, peer, exc, fatal=False, session=self.session)
+            self._refuse(peer, exc, fatal=False, session=self.session)
             return
         if self.expected != (cycle, batch):
             self.ahead.reset(cycle, batch)
@@ -357,9 +417,18 @@ class ProducerServer:
         self._deliver(P.encode(P.CYCLE_START, self._stamp(fields)))
 
 
+def _user_id(frames: list) -> str | None:
+    """The CURVE key (ZAP User-Id) a message came from; None without authentication."""
+    try:
+        return frames[0].get("User-Id") or None
+    except (zmq.ZMQError, AttributeError):
+        return None
+
+
 __all__ = [
     "ProducerServer",
     "bind_socket",
     "linger_with_error",
+    "peers_trusted",
     "send_error",
 ]

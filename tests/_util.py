@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -44,6 +45,13 @@ def read_records(path: Path, event: str) -> list[dict]:
 def ipc_endpoint(tmp_path: Path, name: str = "feed") -> str:
     """An ``ipc://`` endpoint template under ``tmp_path`` (``{rank}`` is filled in by callers)."""
     return f"ipc://{tmp_path}/{name}-{{rank}}.sock"
+
+
+def free_port() -> int:
+    """A tcp port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def python_cmd(module: str, *args: str) -> list[str]:

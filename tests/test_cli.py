@@ -52,7 +52,7 @@ def test_my_loop_consumes_every_cycle():
     model = torch.nn.Linear(16, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     fake = FakeProducer("tcp://127.0.0.1:0", spec=spec, rank=0, tensors=TENSORS)
-    with fake, FeedClient(fake.endpoint, rank=0, spec=spec, timeout_s=10) as feed:
+    with fake, FeedClient(fake.endpoint, rank=0, spec=spec, timeout_s=10, tensors=TENSORS) as feed:
         assert train(feed, model, opt, num_cycles=3) == 3 * 64 // 8
         assert feed.state_dict()["cycle"] == 3  # what you would checkpoint
 
@@ -62,7 +62,7 @@ def test_my_loop_surfaces_producer_errors():
     model = torch.nn.Linear(16, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     fake = FakeProducer("tcp://127.0.0.1:0", spec=spec, rank=0, tensors=TENSORS, error_at_cycle=1)
-    with fake, FeedClient(fake.endpoint, rank=0, spec=spec, timeout_s=10) as feed:
+    with fake, FeedClient(fake.endpoint, rank=0, spec=spec, timeout_s=10, tensors=TENSORS) as feed:
         with pytest.raises(RemoteError, match="injected error at cycle 1"):
             train(feed, model, opt, num_cycles=3)
         assert feed.state_dict()["cycle"] == 1  # cycle 0 was consumed in full
@@ -94,9 +94,9 @@ def test_readme_recipe_is_this_code() -> None:
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("demo", "produce", "train", "fake-produce", "tokenize"):
+    for name in ("demo", "produce", "train", "fake-produce", "tokenize", "keys"):
         assert name in out
-    assert set(COMMANDS) == {"demo", "produce", "train", "fake-produce", "tokenize"}
+    assert set(COMMANDS) == {"demo", "produce", "train", "fake-produce", "tokenize", "keys"}
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

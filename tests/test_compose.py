@@ -1,8 +1,9 @@
 """docker-compose.yml: its structure, and its services' commands run here as local processes.
 
 Compose is emulated just enough to run the real commands: ``${VAR:-default}`` interpolation,
-``$$`` escapes, the service's ``environment``, and paths inside the container mapped into
-``tmp_path`` (``/app`` = working directory, ``/run/lensfeed`` = the shared ipc volume).
+``$$`` escapes, the service's ``environment``, paths inside the container mapped into
+``tmp_path`` (``/app`` = working directory, ``/keys`` = the shared key volume) and the
+``producer`` host name mapped to loopback.
 ``docker-compose config`` itself is checked where the tool is installed.
 """
 
@@ -66,8 +67,10 @@ def test_compose_file_structure() -> None:
         assert svc["init"] is True, name
         assert svc["runtime"] == "nvidia", name  # GPUs by default
         assert svc["environment"]["LENSFEED_CONFIG"] == "conf/demo.yaml"
-        assert "ipc:/run/lensfeed" in svc["volumes"]
+        assert "keys:/keys" in svc["volumes"]
         assert "data:/app/data" in svc["volumes"]
+        assert "feed.keys_dir=/keys" in svc["command"][-1], name  # CURVE between containers
+        assert "feed.endpoint=tcp://producer:5{rank:04d}" in svc["command"][-1], name
     producer = services["producer"]
     assert producer["restart"] == "on-failure"
     assert not {"LENSFEED_RANK", "CUDA_VISIBLE_DEVICES"} & set(producer["environment"])
@@ -79,7 +82,7 @@ def test_compose_file_structure() -> None:
     deps = services["trainer"]["depends_on"]
     assert deps == {"producer": {"condition": "service_healthy"}}
     assert "torchrun" in services["trainer"]["command"][-1]
-    assert set(cfg["volumes"]) == {"data", "runs", "ipc"}
+    assert set(cfg["volumes"]) == {"data", "runs", "keys"}
 
     base_image = services["trainer"]["build"]["args"]["BASE_IMAGE"]
     dockerfile = (REPO / "Dockerfile").read_text()
@@ -97,15 +100,19 @@ def _shims(bin_dir: Path) -> None:
         shim = bin_dir / name
         shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
         shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    python = bin_dir / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
 
 
-def _local(value: Any, app: Path, ipc: Path) -> Any:
-    """Map container paths to local ones in a command or environment."""
+def _local(value: Any, app: Path, keys: Path) -> Any:
+    """Map container paths and the producer's host name to local ones."""
     if isinstance(value, list):
-        return [_local(v, app, ipc) for v in value]
+        return [_local(v, app, keys) for v in value]
     if isinstance(value, dict):
-        return {k: _local(v, app, ipc) for k, v in value.items()}
-    return str(value).replace("/run/lensfeed", str(ipc)).replace("/app", str(app))
+        return {k: _local(v, app, keys) for k, v in value.items()}
+    text = str(value).replace("/keys", str(keys)).replace("/app", str(app))
+    return text.replace("tcp://producer:", "tcp://127.0.0.1:")
 
 
 def _lines(p: subprocess.Popen[str]) -> queue.Queue[str]:
@@ -134,7 +141,7 @@ def _wait_for(q: queue.Queue[str], text: str, timeout: float) -> str:
 
 @pytest.mark.slow
 def test_services_run_as_local_processes(tmp_path: Path, procs: Procs) -> None:
-    app, ipc, bin_dir = tmp_path / "app", tmp_path / "ipc", tmp_path / "bin"
+    app, keys, bin_dir = tmp_path / "app", tmp_path / "keys", tmp_path / "bin"
     app.mkdir()
     shutil.copytree(REPO / "conf", app / "conf")
     _shims(bin_dir)
@@ -147,30 +154,31 @@ def test_services_run_as_local_processes(tmp_path: Path, procs: Procs) -> None:
 
     def start(name: str) -> subprocess.Popen[str]:
         svc = services[name]
-        env = {k: str(v) for k, v in _local(svc["environment"], app, ipc).items()}
+        env = {k: str(v) for k, v in _local(svc["environment"], app, keys).items()}
         env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
         env.pop("CUDA_VISIBLE_DEVICES", None)
-        cwd = Path(_local(svc["working_dir"], app, ipc))
-        return procs.start(_local(svc["command"], app, ipc), cwd=cwd, **env)
+        cwd = Path(_local(svc["working_dir"], app, keys))
+        return procs.start(_local(svc["command"], app, keys), cwd=cwd, **env)
 
     world = int(services["producer"]["environment"]["LENSFEED_WORLD_SIZE"])
-    health = _local(services["producer"]["healthcheck"]["test"], app, ipc)
+    health = _local(services["producer"]["healthcheck"]["test"], app, keys)
 
     def healthy() -> bool:
-        env = {**os.environ, "LENSFEED_WORLD_SIZE": str(world)}
+        env = {
+            **os.environ,
+            "LENSFEED_WORLD_SIZE": str(world),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        }
         return subprocess.run(["sh", "-c", health[1]], env=env, timeout=10).returncode == 0
 
-    assert not healthy()  # no sockets yet
+    assert not healthy()  # no ports yet
     producer = start("producer")
     lines = _lines(producer)
     for _ in range(world):  # children start together; their lines arrive in any order
         _wait_for(lines, f"/{world} serving", timeout=90)
-    # depends_on: service_healthy -> the healthcheck must pass now, and only with every socket
+    # depends_on: service_healthy -> the healthcheck must pass now
     assert healthy()
-    last = ipc / f"rank{world - 1}.sock"
-    last.rename(ipc / "moved.sock")
-    assert not healthy()
-    (ipc / "moved.sock").rename(last)
+    assert (keys / "authorized" / "trainer.key").is_file()  # the producer made the key set
 
     trainer = start("trainer")
     code, out = procs.wait(trainer, timeout=120)

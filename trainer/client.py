@@ -27,16 +27,21 @@ alive: clone what you store beyond the step. CUDA tensors are ordinary device me
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lensfeed.common import protocol as P
+from lensfeed.common.config import MAX_PREFETCH
+from lensfeed.common.curve import client_keys
 from lensfeed.common.errors import (
+    AuthenticationError,
     LensfeedError,
     ProducerLostError,
     ProducerTimeoutError,
@@ -45,6 +50,7 @@ from lensfeed.common.errors import (
 )
 from lensfeed.common.spec import DataSpec
 from lensfeed.trainer.connection import ProducerLost
+from lensfeed.trainer.contract import TensorContract, TensorSpec
 from lensfeed.trainer.device import Staged, Stager
 from lensfeed.trainer.session import Session
 
@@ -102,6 +108,11 @@ class FeedClient:
     A producer that dies or stops answering heartbeats (``heartbeat_s``) is reconnected to
     within ``reconnect_timeout_s``, resuming at the next batch not yet handed to the loop: the
     loop sees neither an exception nor a missing or repeated batch (docs/protocol.md 6.6).
+
+    Nothing from the producer is trusted: every batch must fit the credits granted and the
+    tensors the spec implies (``tensors`` declares a custom producer's, as
+    :class:`~lensfeed.producer.fake.FakeProducer` takes them), or it is a ``ProtocolError``.
+    ``keys_dir`` (``lensfeed keys DIR``) turns on CURVE and pins the producer's key.
     """
 
     def __init__(
@@ -116,12 +127,14 @@ class FeedClient:
         timeout_s: float = 60.0,
         heartbeat_s: float = 3.0,
         reconnect_timeout_s: float = 120.0,
-        max_message_bytes: int = 1 << 31,
+        max_message_bytes: int = 256 << 20,
         cleanup_each_cycle: bool = True,
         stage_ahead: int | None = None,
+        keys_dir: str | Path = "",
+        tensors: TensorSpec | None = None,
     ) -> None:
-        if prefetch <= 0:
-            raise ValueError(f"prefetch must be positive (got {prefetch})")
+        if not 0 < prefetch <= MAX_PREFETCH:
+            raise ValueError(f"prefetch must be in [1, {MAX_PREFETCH}] (got {prefetch})")
         self.endpoint = endpoint
         self.rank = rank
         self.spec = spec
@@ -156,12 +169,21 @@ class FeedClient:
             stager=self._stager,
             heartbeat_s=heartbeat_s,
             max_message_bytes=max_message_bytes,
+            contract=TensorContract(spec, tensors),
+            keys=client_keys(keys_dir) if keys_dir else None,
+            # Every batch message spends >= 1 credit: a conforming producer never has more
+            # than the window (<= prefetch) queued, plus a few control messages.
+            max_queued=prefetch + 16,
         )
         self._connected = False
         self._asked: tuple[int, int] | None = None  # next_cycle sent, its cycle_start not taken
         self._resent: tuple[int, int] | None = None  # cycle_start owed to a recovery, not the loop
         self._failed: LensfeedError | None = None
         self._gc_frozen = False
+        #: When the producer was lost with no batch handed to the loop since: recoveries
+        #: without progress share one reconnect_timeout_s (a producer that keeps dying, or
+        #: keeps being dropped, cannot hold the loop forever).
+        self._lost_since: float | None = None
 
     # ---------------------------------------------------------------- state
 
@@ -190,6 +212,7 @@ class FeedClient:
             "reconnect_timeout_s": feed.reconnect_timeout_s,
             "max_message_bytes": feed.max_message_bytes,
             "cleanup_each_cycle": cfg.training.empty_cache_each_cycle,
+            "keys_dir": feed.keys_dir,
         }
         kwargs.update(overrides)
         return cls(cfg.endpoint_for(rank), rank=rank, spec=DataSpec.from_config(cfg), **kwargs)
@@ -230,11 +253,24 @@ class FeedClient:
         if self._connected:
             return self.welcome
         self._connected = True
+        deadline = time.monotonic() + self.timeout_s
+        failed_handshakes = 0
         try:
-            try:
-                self._open(time.monotonic() + self.timeout_s)
-            except ProducerLost as lost:
-                self._recover(lost.cause)
+            for attempt in itertools.count():
+                try:
+                    self._open(deadline)
+                    break
+                except ProducerLost as lost:
+                    failed_handshakes = _count_handshake(lost, failed_handshakes)
+                    if lost.connected:
+                        self._recover(lost.cause)
+                        break
+                    # Nothing listens there yet: the producer may start after us.
+                    if not _pause(attempt, deadline):
+                        raise ProducerTimeoutError(
+                            f"no answer to hello from the {self._where()} within "
+                            f"{self.timeout_s:g} s ({lost.cause})"
+                        ) from None
         except LensfeedError as exc:
             self._failed = exc
             raise
@@ -260,8 +296,11 @@ class FeedClient:
         sent again. Gives up after ``reconnect_timeout_s`` with :class:`ProducerLostError`.
         """
         t0 = time.monotonic()
-        deadline = t0 + self.reconnect_timeout_s
+        if self._lost_since is None:
+            self._lost_since = t0
+        deadline = self._lost_since + self.reconnect_timeout_s
         first = cause
+        failed_handshakes = 0
         log.warning(
             "rank %d: lost the %s: %s; reconnecting (cursor: cycle %d, batch %d)",
             self.rank,
@@ -269,10 +308,10 @@ class FeedClient:
             cause,
             *self._normalized_cursor(),
         )
-        while True:
+        for attempt in itertools.count():
             if time.monotonic() >= deadline or self.reconnect_timeout_s <= 0:
                 raise ProducerLostError(
-                    f"lost the {self._where()} ({first}) and no producer answered within "
+                    f"lost the {self._where()} ({first}) and no producer served a batch within "
                     f"feed.reconnect_timeout_s={self.reconnect_timeout_s:g} s (last: {cause})"
                 )
             try:
@@ -280,8 +319,10 @@ class FeedClient:
                 break
             except ProducerLost as lost:
                 cause = lost.cause
+                failed_handshakes = _count_handshake(lost, failed_handshakes)
             except ProducerTimeoutError:
                 cause = "no answer to hello"
+            _pause(attempt, deadline)
         cur = self._current
         if cur is not None and not cur.done:
             cycle, batch = self._cursor
@@ -349,12 +390,16 @@ class FeedClient:
 
     def _take_one(self, what: str) -> tuple[str, Any]:
         session = self._session
+        # One deadline for the item, however many messages that are not it (non-fatal errors,
+        # an earlier session's) arrive meanwhile: only progress resets it.
+        deadline = time.monotonic() + self.timeout_s
         while True:
             if not session.items:
                 self._grant(force=True)  # never block holding back credit the producer needs
+            if not session.items:  # (granting first reads what was already queued)
                 t0 = time.monotonic()
                 try:
-                    got = session.receive(self.timeout_s)
+                    got = session.receive(max(0.0, deadline - t0))
                 finally:
                     waited = time.monotonic() - t0
                     self.stats.wait_s += waited
@@ -370,10 +415,13 @@ class FeedClient:
                     raise ProducerTimeoutError(
                         f"no {what} from the {self._where()} within {self.timeout_s:g} s{alive}"
                     )
+                if not session.items:
+                    continue  # an earlier session's message, dropped
             # Stage what has already arrived, so its device copy overlaps the coming step.
             try:
-                while session.staged < self.stage_ahead and session.receive(0):
+                while session.batches < self.stage_ahead and session.receive(0):
                     pass
+                session.stage_ahead(self.stage_ahead)
             except ProducerLost:
                 pass  # noticed again, with nothing queued, by the next wait
             item = session.pop()
@@ -388,6 +436,13 @@ class FeedClient:
         """Top the producer's credit back up to the window, in groups of a quarter window."""
         deficit = self._window - (self._granted - self._consumed)
         if deficit > 0 and (force or deficit >= max(1, self._window // 4)):
+            try:  # what was sent on earlier credits is checked against them first
+                self._session.drain()
+            except ProducerLost:
+                pass  # noticed again, with nothing queued, by the next wait
+            except LensfeedError as exc:
+                self._failed = exc
+                raise
             self._session.send(P.CREDIT, {"n": deficit})
             self._granted += deficit
 
@@ -459,13 +514,7 @@ class FeedClient:
                 )
             if not 1 <= count <= cycle.num_batches - b:
                 raise ProtocolError(f"{self._where()}: batch count {count} is invalid at {b}")
-            tensors = self._ready(staged)
-            for name, t in tensors.items():
-                if t.dim() == 0 or t.shape[0] != count * bsz:
-                    raise ProtocolError(
-                        f"{self._where()}: tensor '{name}' has shape {list(t.shape)}; a message "
-                        f"of {count} batches needs leading dim {count * bsz}"
-                    )
+            tensors = self._ready(staged)  # shapes were checked on arrival (TensorContract)
             batch_bytes = sum(t.numel() * t.element_size() for t in tensors.values()) // count
             if not self._sized:
                 self._size_window(batch_bytes)
@@ -475,6 +524,7 @@ class FeedClient:
                 names = list(tensors)
                 parts = [t.split(bsz) for t in tensors.values()]
                 batches = (dict(zip(names, ts, strict=True)) for ts in zip(*parts, strict=True))
+            self._lost_since = None  # progress: a new loss gets a full reconnect_timeout_s
             for batch in batches:
                 b += 1
                 self._cursor = (cycle.index, b)
@@ -507,6 +557,30 @@ class FeedClient:
             self._gc_frozen = True
         torch.cuda.empty_cache()  # a no-op unless CUDA was initialised
         self.stats.cleanups += 1
+
+
+#: Consecutive failed handshakes that make a CURVE/key mismatch, not a producer that died in
+#: the middle of one.
+HANDSHAKE_ATTEMPTS = 3
+
+
+def _count_handshake(lost: ProducerLost, failed: int) -> int:
+    """Count consecutive failed handshakes; raise :class:`AuthenticationError` at the limit."""
+    if not lost.handshake:
+        return 0
+    if failed + 1 >= HANDSHAKE_ATTEMPTS:
+        raise AuthenticationError(f"{lost.cause} ({HANDSHAKE_ATTEMPTS} handshakes failed)")
+    return failed + 1
+
+
+def _pause(attempt: int, deadline: float) -> bool:
+    """Back off before connection attempt ``attempt + 1`` (50 ms doubling to 1 s), never past
+    ``deadline``; False when the deadline has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return False
+    time.sleep(min(left, 0.05 * 2 ** min(attempt, 5)))
+    return True
 
 
 __all__ = ["Cycle", "FeedClient", "FeedStats"]

@@ -10,6 +10,13 @@ No protocol-level heartbeat is needed on top.
 A reconnect opens a *new* :class:`Connection` rather than reusing the socket: libzmq keeps a
 connecting socket's queue across its automatic reconnects, so credits and requests meant for
 the dead producer would reach the new one. A fresh socket starts empty, and so does its peer.
+libzmq's own reconnect is therefore pushed out of a connection's life (``RECONNECT_IVL`` 10
+min): a failed or closed connection is reported (``EVENT_CLOSED``/``EVENT_DISCONNECTED``) and
+the caller opens a new one. Not -1: with reconnecting off, libzmq drops what was already
+received when the connection closes, and a producer's last words (a fatal error) would be lost.
+Never reconnecting within a socket's life also keeps clear of a libzmq abort
+(zeromq/libzmq#3937: a bounded receive queue that stalls past the heartbeat timeout and is then
+reconnected trips an assertion in the I/O thread).
 """
 
 from __future__ import annotations
@@ -20,29 +27,83 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from lensfeed.common.curve import CurveKeys, apply_client, check_ipc_dir
+from lensfeed.common.errors import AuthenticationError
 from lensfeed.common.transport import set_heartbeats
 
 
 class ProducerLost(Exception):
-    """Internal signal: the connection to the producer is gone (``cause`` says how)."""
+    """Internal signal: the connection to the producer is gone (``cause`` says how);
+    ``connected`` is False when it never got as far as a handshake."""
 
-    def __init__(self, cause: str) -> None:
+    def __init__(self, cause: str, *, connected: bool = True, handshake: bool = False) -> None:
         super().__init__(cause)
         self.cause = cause
+        self.connected = connected
+        #: The handshake failed: a key or CURVE mismatch if it keeps happening (a producer
+        #: killed mid-handshake fails one too).
+        self.handshake = handshake
 
 
-_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+)
+
+
+def _handshake_failure(event: int, *, curve: bool) -> str:
+    """Why a handshake failed, in terms of what the user configured."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (
+            "the producer refused this trainer's CURVE key (it is not in the producer's "
+            "allowlist, DIR/authorized)"
+        )
+    if curve:
+        return (
+            "the CURVE handshake failed: the producer's key is not the one pinned in "
+            "feed.keys_dir (producer.key), or the producer does not use CURVE"
+        )
+    return (
+        "the handshake failed: the producer requires CURVE and this trainer has no "
+        "feed.keys_dir (one side uses CURVE and the other does not)"
+    )
+
+
+#: Reconnect interval that outlives any Connection: libzmq never reconnects one behind our back.
+_NO_RECONNECT_MS = 600_000
+_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+for _event in _FAILED:
+    _EVENTS |= _event
 
 
 class Connection:
     """A connected DEALER; :meth:`recv` raises :class:`ProducerLost` when the peer is gone."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, *, heartbeat_s: float) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        *,
+        heartbeat_s: float,
+        keys: CurveKeys | None = None,
+        max_message_bytes: int = -1,
+        max_queued: int = 0,
+    ) -> None:
+        check_ipc_dir(endpoint, create=False)
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)  # credits bound what can arrive
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        # Credits bound what a conforming producer sends; these bound what any producer can
+        # make us hold: libzmq drops a frame over MAXMSGSIZE (and the connection) before
+        # allocating it, and stops reading from the network at RCVHWM queued messages.
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        sock.setsockopt(zmq.RCVHWM, max_queued)
+        sock.setsockopt(zmq.RECONNECT_IVL, _NO_RECONNECT_MS)  # see the module docstring
         set_heartbeats(sock, heartbeat_s)
+        if keys is not None:
+            apply_client(sock, keys)
+        self.endpoint = endpoint
+        self.curve = keys is not None
         self.sock = sock
         self.monitor = sock.get_monitor_socket(_EVENTS)
         self.poller = zmq.Poller()
@@ -50,6 +111,7 @@ class Connection:
         self.poller.register(self.monitor, zmq.POLLIN)
         self.handshakes = 0
         self.broken: str | None = None
+        self.lost: Exception | None = None  # what the monitor reported, raised at every check
         self.last_recv = time.monotonic()
         sock.connect(endpoint)
 
@@ -88,20 +150,39 @@ class Connection:
         return frames
 
     def _check_monitor(self) -> None:
-        if self.broken is not None:
-            raise ProducerLost(self.broken)
+        """Raise what the monitor reported; a loss is remembered, so it is raised again at
+        every later check (a caller may look, and carry on, before the one that handles it)."""
+        if self.lost is None and self.broken is not None:
+            self.lost = ProducerLost(self.broken)
+        if self.lost is not None:
+            raise self.lost
         while self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            event = recv_monitor_message(self.monitor)
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.handshakes += 1
-                if self.handshakes > 1:  # libzmq reconnected this socket behind our back
-                    raise ProducerLost("the connection was re-established to a new producer")
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                silent = time.monotonic() - self.last_recv
-                raise ProducerLost(
-                    f"connection lost after {silent:.1f} s without a message (the producer "
-                    "exited, was killed, or missed its heartbeats)"
-                )
+            lost = self._lost(recv_monitor_message(self.monitor)["event"])
+            if lost is not None:
+                self.lost = lost
+                raise lost
+
+    def _lost(self, event: int) -> Exception | None:
+        """The exception a monitor event means, if any."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.handshakes += 1
+            if self.handshakes > 1:  # libzmq reconnected this socket behind our back
+                return ProducerLost("the connection was re-established to a new producer")
+        elif event in _FAILED:
+            why = f"{self.endpoint}: {_handshake_failure(event, curve=self.curve)}"
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return AuthenticationError(why)  # the producer's ZAP said no: final
+            return ProducerLost(why, connected=False, handshake=True)
+        elif event == zmq.EVENT_CLOSED and self.handshakes == 0:
+            return ProducerLost("no producer is listening there yet", connected=False)
+        elif event == zmq.EVENT_DISCONNECTED:
+            silent = time.monotonic() - self.last_recv
+            return ProducerLost(
+                f"connection lost after {silent:.1f} s without a message (the producer "
+                "exited, was killed, or missed its heartbeats)",
+                connected=self.handshakes > 0,
+            )
+        return None
 
     def close(self, linger_ms: int = 0) -> None:
         try:

@@ -18,12 +18,19 @@ from typing import Any
 import zmq
 
 from lensfeed.common import protocol as P
+from lensfeed.common.curve import CurveKeys
 from lensfeed.common.errors import ProducerTimeoutError, ProtocolError, RemoteError
 from lensfeed.common.spec import DataSpec
 from lensfeed.trainer.connection import Connection
+from lensfeed.trainer.contract import TensorContract
 from lensfeed.trainer.device import Stager
 
 log = logging.getLogger("lensfeed.trainer")
+
+#: Non-fatal errors a session tolerates from its producer before it is treated as broken, and
+#: how many of them are logged in full.
+MAX_WARNINGS = 1000
+LOGGED_WARNINGS = 10
 
 
 def _is_bye(frames: list[Any]) -> bool:
@@ -45,6 +52,9 @@ class Session:
         stager: Stager,
         heartbeat_s: float,
         max_message_bytes: int,
+        contract: TensorContract,
+        keys: CurveKeys | None = None,
+        max_queued: int = 0,
     ) -> None:
         self.endpoint = endpoint
         self.rank = rank
@@ -52,10 +62,18 @@ class Session:
         self.stager = stager
         self.heartbeat_s = heartbeat_s
         self.max_message_bytes = max_message_bytes
+        self.contract = contract
+        self.keys = keys
+        self.max_queued = max_queued
+        #: Batches granted to, and received from, this session's producer: a producer that
+        #: sends more than it was granted is broken or hostile, never buffered.
+        self.granted = 0
+        self.received = 0
+        self.warnings = 0
         self.where = f"producer for rank {rank} at {endpoint}"
         self.conn: Connection | None = None
         self.items: deque[tuple[str, Any]] = deque()
-        self.staged = 0  # batches in ``items``
+        self.batches = 0  # batch items in ``items`` (staged to the device lazily, in order)
         # The producer echoes this number in every message of the session.
         self.number = secrets.randbits(31)
         self._ctx: zmq.Context | None = None
@@ -72,9 +90,19 @@ class Session:
             self._ctx = zmq.Context()
         if self.conn is not None:
             self.conn.close()
-        self.conn = Connection(self._ctx, self.endpoint, heartbeat_s=self.heartbeat_s)
+        self.conn = Connection(
+            self._ctx,
+            self.endpoint,
+            heartbeat_s=self.heartbeat_s,
+            keys=self.keys,
+            max_message_bytes=self.max_message_bytes,
+            max_queued=self.max_queued,
+        )
         self.items.clear()
-        self.staged = 0
+        self.batches = 0
+        self.granted = credits
+        self.received = 0
+        self.warnings = 0
         self.number = (self.number + 1) & 0x7FFFFFFF
         cycle, batch = cursor
         hello = {
@@ -94,23 +122,38 @@ class Session:
                 raise ProducerTimeoutError(
                     f"no answer to hello from the {self.where} within {timeout_s:g} s"
                 )
-            got = self.pop()
-            if got is None:
-                continue
-            kind, header = got
-            if kind != P.WELCOME or header["fingerprint"] != self.spec.fingerprint():
-                raise ProtocolError(f"{self.where}: expected welcome, got {header}")
+            if not self.items:
+                continue  # an earlier session's message, dropped
+            kind, header = self.items.popleft()
+            if kind == P.ERROR:  # any answer to a hello but welcome ends it: fail now
+                raise RemoteError(
+                    header["code"], f"{self.where}: {header['message']}", rank=self.rank
+                )
+            if kind == "fail":
+                raise header
+            if kind != P.WELCOME:
+                raise ProtocolError(f"{self.where}: expected welcome, got {kind}")
+            if header["fingerprint"] != self.spec.fingerprint() or header["rank"] != self.rank:
+                raise ProtocolError(
+                    f"{self.where}: welcome is for another data spec or rank (fingerprint "
+                    f"{P.describe(header['fingerprint'])}, rank {header['rank']}; expected "
+                    f"{self.spec.fingerprint()}, rank {self.rank})"
+                )
             return dict(header)
 
     def send(self, kind: str, fields: dict[str, Any]) -> None:
         assert self.conn is not None
+        if kind == P.CREDIT:
+            self.granted += fields["n"]
         self.conn.send(P.encode(kind, fields))
 
     def receive(self, timeout_s: float) -> bool:
-        """Move one message from the socket into ``items`` (staging batches); False on timeout.
+        """Move one message from the socket into ``items``; False on timeout.
 
         Raises :class:`~lensfeed.trainer.connection.ProducerLost` when the connection is gone
-        and nothing is left to read. Messages of an earlier session are dropped.
+        and nothing is left to read, and :class:`ProtocolError` at once for a batch beyond the
+        credits granted or outside the tensor contract. Messages of an earlier session are
+        dropped.
         """
         assert self.conn is not None
         frames = self.conn.recv(timeout_s)
@@ -125,20 +168,58 @@ class Session:
         if session is not None and session != self.number:
             return True  # an earlier session's message, still in flight: not ours any more
         if msg.kind == P.BATCH:
-            self.items.append(("batch", (msg.header, self.stager.stage(msg.tensors))))
-            self.staged += 1
+            count = msg["count"]
+            self.received += count
+            try:
+                if self.received > self.granted:
+                    raise ProtocolError(
+                        f"sent {self.received} batches but was granted {self.granted} credits"
+                    )
+                self.contract.check(msg.tensors, count)
+            except ProtocolError as exc:
+                raise ProtocolError(f"{self.where}: {exc}") from None
+            self.items.append(("batch", [msg.header, msg.tensors, None]))
+            self.batches += 1
         else:
             self.items.append((msg.kind, msg.header))
         return True
 
+    def drain(self) -> None:
+        """Read everything already queued (checking each batch against the credits), before
+        granting more: a producer that sent ahead of its credits is caught here, while the
+        queue libzmq holds for it is bounded (``RCVHWM``), instead of being covered by the
+        credits granted since."""
+        while self.conn is not None and self.receive(0):
+            pass
+
+    def stage_ahead(self, n: int) -> None:
+        """Start the device copy of the first ``n`` queued batches (CUDA: overlaps the step)."""
+        k = 0
+        for kind, payload in self.items:
+            if k >= n:
+                break
+            if kind == "batch":
+                if payload[2] is None:
+                    payload[2] = self.stager.stage(payload[1])
+                k += 1
+
     def pop(self) -> tuple[str, Any] | None:
         """The next item; None for a non-fatal ``error`` (logged and skipped). A fatal one is
-        raised as :class:`RemoteError`, an undecodable message as :class:`ProtocolError`."""
+        raised as :class:`RemoteError`, an undecodable message as :class:`ProtocolError`.
+        A batch comes as ``(header, staged)``."""
         kind, payload = self.items.popleft()
         if kind == "batch":
-            self.staged -= 1
+            self.batches -= 1
+            header, tensors, staged = payload
+            return kind, (header, staged if staged is not None else self.stager.stage(tensors))
         elif kind == P.ERROR and not payload["fatal"]:
-            log.warning("%s: %s (%s)", self.where, payload["message"], payload["code"])
+            self.warnings += 1
+            if self.warnings > MAX_WARNINGS:
+                raise ProtocolError(
+                    f"{self.where}: sent more than {MAX_WARNINGS} errors in one session"
+                )
+            if self.warnings <= LOGGED_WARNINGS:
+                log.warning("%s: %s (%s)", self.where, payload["message"], payload["code"])
             return None
         elif kind == P.ERROR:
             raise RemoteError(
@@ -165,7 +246,7 @@ class Session:
             self.conn.close(linger_ms=1000)
             self.conn = None
         self.items.clear()
-        self.staged = 0
+        self.batches = 0
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None

@@ -5,6 +5,7 @@
 ``lensfeed train``         the reference trainer (``python -m lensfeed.trainer``; torchrun: DDP)
 ``lensfeed fake-produce``  synthetic batches over the real protocol (``lensfeed.producer.fake``)
 ``lensfeed tokenize``      .txt/.jsonl corpus -> pretokenized fixed-length Arrow dataset
+``lensfeed keys``          create the CURVE key set for authenticated, encrypted tcp
 
 Each subcommand's module is imported only when it runs, so ``lensfeed --help`` is instant.
 """
@@ -42,6 +43,9 @@ COMMANDS: dict[str, Command] = {
     "tokenize": Command(
         "lensfeed.pretokenize",
         "turn .txt/.jsonl text into a pretokenized fixed-length Arrow dataset",
+    ),
+    "keys": Command(
+        "lensfeed.keys", "create CURVE keys for authenticated, encrypted tcp (feed.keys_dir)"
     ),
 }
 

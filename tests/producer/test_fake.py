@@ -16,7 +16,7 @@ from lensfeed.common.config import FeedConfig, load_config
 from lensfeed.common.errors import ProducerTimeoutError, RemoteError
 from lensfeed.common.spec import DataSpec
 from lensfeed.producer.cycle import CycleCursor
-from lensfeed.producer.fake import FakeProducer, FakeSource, InjectedError, _tensor_arg, parser
+from lensfeed.producer.fake import FakeProducer, FakeSource, InjectedError, parser, tensor_arg
 from lensfeed.trainer.client import FeedClient
 from tests._util import ipc_endpoint, python_cmd
 
@@ -73,11 +73,11 @@ def test_fake_serves_deterministic_batches(tmp_path: Path, spec: DataSpec) -> No
     with FakeProducer(
         f"ipc://{tmp_path}/f.sock", spec=spec, rank=1, shard_rows=4, tensors=tensors
     ) as fp:
-        with FeedClient(fp.endpoint, rank=1, spec=spec, timeout_s=20) as feed:
+        with FeedClient(fp.endpoint, rank=1, spec=spec, timeout_s=20, tensors=tensors) as feed:
             first = consume(feed, 3)
             assert feed.welcome["shard_offset"] == 4
             assert feed.welcome["dataset_fingerprint"] == "fake-4"
-        with FeedClient(fp.endpoint, rank=1, spec=spec, timeout_s=20) as feed:
+        with FeedClient(fp.endpoint, rank=1, spec=spec, timeout_s=20, tensors=tensors) as feed:
             second = consume(feed, 3)
     assert first == second  # same bytes twice
     assert [(c, b) for c, b, _, _ in first] == [(0, 0), (0, 1)] + [
@@ -185,12 +185,12 @@ def test_delay_longer_than_the_client_timeout(tmp_path: Path, spec: DataSpec) ->
 
 
 def test_tensor_argument_parsing() -> None:
-    assert _tensor_arg("A:float32:2304") == ("A", ("float32", (2304,)))
-    assert _tensor_arg("x:int64:4x8") == ("x", ("int64", (4, 8)))
-    assert _tensor_arg("s:uint8:") == ("s", ("uint8", ()))
+    assert tensor_arg("A:float32:2304") == ("A", ("float32", (2304,)))
+    assert tensor_arg("x:int64:4x8") == ("x", ("int64", (4, 8)))
+    assert tensor_arg("s:uint8:") == ("s", ("uint8", ()))
     for bad in ["A:float32", "A:nosuchtype:3", "A:float32:3xq"]:
         with pytest.raises(argparse.ArgumentTypeError, match="name:dtype"):
-            _tensor_arg(bad)
+            tensor_arg(bad)
 
 
 def test_fake_cli_help_lists_every_option() -> None:
@@ -236,7 +236,13 @@ def test_fake_cli_serves_and_fails_on_request(procs, tmp_path: Path) -> None:
         assert batch["sample_idx"].tolist() == (cursor.batch_rows(c, b) + 6).tolist()
 
     with (
-        FeedClient(cfg.endpoint_for(1), rank=1, spec=spec, timeout_s=30) as feed,
+        FeedClient(
+            cfg.endpoint_for(1),
+            rank=1,
+            spec=spec,
+            timeout_s=30,
+            tensors={"input_ids": ("int32", (5,)), "A": ("float16", (2, 2))},
+        ) as feed,
         pytest.raises(RemoteError) as exc_info,
     ):
         drain(feed, 4, seen, check)

@@ -18,8 +18,9 @@ from lensfeed.common.errors import LensfeedError, RemoteError, ShardError
 from lensfeed.common.spec import DataSpec
 from lensfeed.producer.cycle import CycleCursor
 from lensfeed.producer.fake import FakeProducer
+from lensfeed.producer.listener import bind_socket
 from lensfeed.producer.main import build_source, parser, run_producer
-from lensfeed.producer.server import ProducerServer, bind_socket, linger_with_error
+from lensfeed.producer.server import ProducerServer, linger_with_error
 from lensfeed.producer.shard import rank_slice
 from lensfeed.trainer.client import FeedClient
 from tests._util import ipc_endpoint, make_dataset, python_cmd
@@ -192,7 +193,11 @@ def test_invalid_resume_cursor_is_refused(
     err = peer.expect(P.ERROR)
     assert err["code"] == "protocol"
     assert err["fatal"] is True
-    assert f"cursor (cycle {cycle}, batch {batch}) is invalid" in err["message"]
+    if cycle < 0 or batch < 0:  # out of the protocol's range: refused while decoding
+        field = "cycle" if cycle < 0 else "batch"
+        assert f"field '{field}' must be in [0, " in err["message"]
+    else:
+        assert f"cursor (cycle {cycle}, batch {batch}) is invalid" in err["message"]
 
 
 def test_messages_before_hello_are_refused(peer: RawPeer) -> None:
@@ -209,7 +214,8 @@ def test_wrong_version_and_garbage_get_errors_and_serving_goes_on(
 ) -> None:
     peer.send_raw(msgpack.packb({"v": 999, "kind": "hello"}))
     err = peer.expect(P.ERROR)
-    assert (err["code"], err["fatal"]) == ("protocol", False)
+    # A hello that cannot be read is refused for good: its client must fail now, not time out.
+    assert (err["code"], err["fatal"]) == ("protocol", True)
     assert "peer speaks 999" in err["message"]
     assert "this side speaks 1" in err["message"]
     peer.send_raw(b"\x00\xffgarbage", b"more")
@@ -221,7 +227,7 @@ def test_wrong_version_and_garbage_get_errors_and_serving_goes_on(
     peer.send(P.WELCOME, **WELCOME_FIELDS)
     assert "unexpected 'welcome' from trainer" in peer.expect(P.ERROR)["message"]
     peer.send(P.CREDIT, n=-1)
-    assert "negative credit" in peer.expect(P.ERROR)["message"]
+    assert "field 'n' must be in [0, " in peer.expect(P.ERROR)["message"]
     peer.send(P.NEXT_CYCLE, cycle=0, batch=7)
     err = peer.expect(P.ERROR)
     assert err["fatal"] is False
@@ -398,7 +404,10 @@ def test_new_hello_replaces_the_session(fake: FakeProducer, spec: DataSpec) -> N
         assert (second["batch"], second["seq"]) == (1, 0)
         assert first["batch"] == 0
         b.expect(P.CYCLE_END)
-        # The old session is gone.
+        # The old session is gone, and was told so.
+        told = a.expect(P.ERROR)
+        assert told["fatal"]
+        assert "took over this producer's session" in told["message"]
         a.send(P.CREDIT, n=1)
         assert "before hello" in a.expect(P.ERROR)["message"]
     finally:
@@ -453,7 +462,7 @@ def test_an_invalid_session_is_refused(peer: RawPeer, spec: DataSpec, session: o
     peer.hello(spec, session=session)
     err = peer.expect(P.ERROR)
     assert "session" in err["message"]
-    assert not err["fatal"]
+    assert err["fatal"]  # a malformed hello is refused for good
 
 
 def test_next_cycle_while_a_cycle_is_unfinished_abandons_it(peer: RawPeer, spec: DataSpec) -> None:
@@ -706,7 +715,7 @@ def test_producer_process_refuses_bad_peers_and_keeps_serving(procs, tmp_path: P
     assert idx == [cursor.batch_rows(0, j).tolist() for j in range(3)]
     code, out = procs.wait(p, timeout=30)
     assert code == 0, out
-    assert "rejected malformed message" in out
+    assert "protocol version mismatch" in out
     assert "refused trainer" in out
 
 

@@ -27,7 +27,7 @@ def test_factory_error_reaches_every_rank(procs, tmp_path):
         "activations.tiny.d_model=16",
         "activations.tiny.n_heads=2",
         "activations.layer=1",
-        f"feed.endpoint=ipc://{tmp_path}/p{{rank}}.sock",
+        f"feed.endpoint=ipc://{tmp_path}/ipc/p{{rank}}.sock",
         "feed.timeout_s=30",
         "feed.error_linger_s=60",
         "feed.reconnect_timeout_s=20",

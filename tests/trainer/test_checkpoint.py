@@ -9,7 +9,6 @@ import multiprocessing as mp
 import os
 import re
 import signal
-import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from lensfeed.common.config import load_config
 from lensfeed.common.errors import ConfigError, LensfeedError
 from lensfeed.trainer import checkpoint
-from tests._util import make_dataset, python_cmd, torchrun_cmd
+from tests._util import free_port, make_dataset, python_cmd, torchrun_cmd
 from tests._util import read_records as records
 from tests.trainer.test_train import run_in_process
 
@@ -176,8 +175,8 @@ def test_checkpoint_cadence_saves_each_step_once(tmp_path, every, every_cycles, 
 
 def test_resume_auto_skips_interrupted_step_and_continues_exactly(tmp_path):
     full_dir, part_dir = tmp_path / "full", tmp_path / "part"
-    full_dir.mkdir()
-    part_dir.mkdir()
+    full_dir.mkdir(mode=0o700)  # holds the ipc sockets too: private
+    part_dir.mkdir(mode=0o700)
     code, full_metrics = run_in_process(full_dir)
     assert code == 0
     # Stop at step 7: checkpoints at 5 (end of cycle 0) and 7 (end of run).
@@ -224,12 +223,6 @@ def test_explicit_resume_without_complete_checkpoint_fails_clearly(tmp_path):
 # --------------------------------------------------------------------------- ranks disagree
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _resume_rank(rank: int, port: int, tmp: str, out: mp.Queue) -> None:
     """One rank whose checkpoint_dir differs from the other's (storage that is not shared)."""
     os.environ.update(
@@ -266,7 +259,7 @@ def test_ranks_that_resolve_different_steps_fail_together(tmp_path):
     write_step(tmp_path / "ck0", 8)  # rank 0 sees step 8, rank 1 sees nothing
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     ps = [ctx.Process(target=_resume_rank, args=(r, port, str(tmp_path), out)) for r in (0, 1)]
     for p in ps:
         p.start()
@@ -335,7 +328,7 @@ def _run_job(procs, tmp: Path, data: Path, *, restarts: int):
         "batch_size=8",
         f"dataset.path={data}",
         "dataset.on_the_fly.samples_per_regeneration_cycle=64",
-        f"feed.endpoint=ipc://{tmp}/p{{rank}}.sock",
+        f"feed.endpoint=ipc://{tmp}/ipc/p{{rank}}.sock",
         "feed.timeout_s=30",
         "feed.reconnect_timeout_s=20",
         "feed.exit_on_bye=false",  # the producers keep serving across the trainer's restart

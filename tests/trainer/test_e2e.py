@@ -19,7 +19,7 @@ def test_two_producers_two_ranks_three_cycles(procs, tmp_path):
         f"batch_size={batch}",
         f"dataset.path={data}",
         f"dataset.on_the_fly.samples_per_regeneration_cycle={cycle}",
-        f"feed.endpoint=ipc://{tmp_path}/p{{rank}}.sock",
+        f"feed.endpoint=ipc://{tmp_path}/ipc/p{{rank}}.sock",
         "feed.timeout_s=30",
         "feed.reconnect_timeout_s=20",
         "training.collective_timeout_s=90",

@@ -37,7 +37,7 @@ def overrides(tmp_path: Path, **extra: object) -> list[str]:
         "dataset.path": tmp_path / "ds",
         "dataset.on_the_fly.samples_per_regeneration_cycle": 24,
         "training_initial_cache_size_per_rank": 28,
-        "feed.endpoint": f"ipc://{tmp_path}/p{{rank}}.sock",
+        "feed.endpoint": f"ipc://{tmp_path}/ipc/p{{rank}}.sock",
         "feed.timeout_s": 30,
         "feed.heartbeat_timeout_s": 1,
         "feed.reconnect_timeout_s": 30,

@@ -22,7 +22,7 @@ def overrides(tmp_path: Path, data: Path, **extra: object) -> list[str]:
         "batch_size": 4,
         "dataset.path": data,
         "dataset.on_the_fly.samples_per_regeneration_cycle": 160,
-        "feed.endpoint": f"ipc://{tmp_path}/p{{rank}}.sock",
+        "feed.endpoint": f"ipc://{tmp_path}/ipc/p{{rank}}.sock",
         "feed.prefetch": 4,  # the producers are never far ahead: a kill is felt at once
         "feed.timeout_s": 30,
         "feed.heartbeat_timeout_s": 1,

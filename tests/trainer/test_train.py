@@ -65,8 +65,8 @@ def test_single_rank_in_process(tmp_path):
 
 def test_resume_from_checkpoint_continues_exactly(tmp_path):
     full_dir, part_dir = tmp_path / "full", tmp_path / "part"
-    full_dir.mkdir()
-    part_dir.mkdir()
+    full_dir.mkdir(mode=0o700)  # holds the ipc sockets too: private
+    part_dir.mkdir(mode=0o700)
     code, full_metrics = run_in_process(full_dir)
     assert code == 0
     code, part_metrics = run_in_process(part_dir, **{"training.max_steps": 7})
