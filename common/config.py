@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import difflib
 import math
-import string
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lensfeed.common import endpoints
 from lensfeed.common.errors import ConfigError
 
 #: Most batches a client may have in flight; a producer honours no more credit than this.
@@ -54,11 +54,21 @@ class DatasetConfig:
 class FeedConfig:
     """The producer <-> trainer channel."""
 
-    #: Endpoint template the trainer connects to; ``{rank}`` is replaced by the rank (a format
-    #: spec works too: ``tcp://host:5{rank:04d}`` is port 50000 + rank).
+    #: Endpoint template the trainer connects to: ``{rank}``, ``{node_rank}``, ``{local_rank}``,
+    #: ``{host}``, ``{port}`` are filled in per rank (``common/endpoints.py``).
     endpoint: str = "ipc:///tmp/lensfeed/rank{rank}.sock"
-    #: Endpoint template the producer binds; empty = same as ``endpoint``.
+    #: Endpoint template the producer binds; empty = ``endpoint`` (tcp: on 127.0.0.1).
     bind: str = ""
+    #: Ranks whose producers share a node (``{node_rank}``, ``{local_rank}``); 0 = one node.
+    ranks_per_node: int = 0
+    #: Producer host of each node, for ``{host}``.
+    hosts: list[str] = field(default_factory=list)
+    #: ``{port}`` is ``base_port + rank``.
+    base_port: int = 50000
+    #: One endpoint per rank, in rank order, instead of the template ...
+    endpoints: list[str] = field(default_factory=list)
+    #: ... or from a file with one endpoint per line (``#`` comments).
+    endpoints_file: str = ""
     #: Most batches in flight to a trainer rank (credits granted to the producer) ...
     prefetch: int = 1024
     #: ... and at most this many bytes of them (the window is sized from the first batch).
@@ -204,18 +214,13 @@ class LensfeedConfig:
         return self.cycle_size if s0 is None else s0
 
     def endpoint_for(self, rank: int) -> str:
-        return self.feed.endpoint.format(rank=rank)
+        """Where rank ``rank``'s trainer connects (``common/endpoints.py``)."""
+        return endpoints.endpoint_for(self.feed, self.world_size, rank)
 
     def bind_for(self, rank: int) -> str:
         """Where producer ``rank`` binds: ``feed.bind``, else ``feed.endpoint`` with any tcp
         host replaced by 127.0.0.1 (loopback unless a bind address is configured)."""
-        if self.feed.bind:
-            return self.feed.bind.format(rank=rank)
-        endpoint = self.endpoint_for(rank)
-        if endpoint.startswith("tcp://"):
-            port = endpoint.rsplit(":", 1)[-1]
-            return f"tcp://127.0.0.1:{port}"
-        return endpoint
+        return endpoints.bind_for(self.feed, self.world_size, rank)
 
 
 # --------------------------------------------------------------------------- loading
@@ -379,26 +384,7 @@ def validate(cfg: LensfeedConfig) -> None:
         )
     if len(set(cfg.dataset.columns)) != len(cfg.dataset.columns):
         raise ConfigError(f"'dataset.columns' has duplicates (got {list(cfg.dataset.columns)})")
-    for key, template in {"feed.endpoint": cfg.feed.endpoint, "feed.bind": cfg.feed.bind}.items():
-        try:
-            names = {name for _, name, _, _ in string.Formatter().parse(template) if name}
-            template.format(rank=0)
-        except (ValueError, KeyError, IndexError) as exc:
-            raise ConfigError(
-                f"'{key}' is not a valid template (got {template!r}: {exc}); use {{rank}} or "
-                "a format such as {rank:04d}"
-            ) from None
-        if names - {"rank"}:
-            raise ConfigError(f"'{key}' may only use the {{rank}} placeholder (got {template!r})")
-    endpoint_names = {n for _, n, _, _ in string.Formatter().parse(cfg.feed.endpoint) if n}
-    if "rank" not in endpoint_names and cfg.world_size > 1:
-        raise ConfigError(
-            f"'feed.endpoint' must contain '{{rank}}' when world_size > 1 "
-            f"(got {cfg.feed.endpoint!r})"
-        )
-    for key, ep in {"feed.endpoint": cfg.feed.endpoint, "feed.bind": cfg.feed.bind}.items():
-        if ep and not ep.startswith(("ipc://", "tcp://", "inproc://")):
-            raise ConfigError(f"'{key}' must start with ipc://, tcp:// or inproc:// (got {ep!r})")
+    endpoints.validate(cfg.feed, cfg.world_size)
     if cfg.activations.builder not in ("tokens", "activations"):
         raise ConfigError(
             "'activations.builder' must be 'tokens' or 'activations' "

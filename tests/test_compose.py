@@ -70,7 +70,7 @@ def test_compose_file_structure() -> None:
         assert "keys:/keys" in svc["volumes"]
         assert "data:/app/data" in svc["volumes"]
         assert "feed.keys_dir=/keys" in svc["command"][-1], name  # CURVE between containers
-        assert "feed.endpoint=tcp://producer:5{rank:04d}" in svc["command"][-1], name
+        assert "feed.endpoint=tcp://producer:{port}" in svc["command"][-1], name
     producer = services["producer"]
     assert producer["restart"] == "on-failure"
     assert not {"LENSFEED_RANK", "CUDA_VISIBLE_DEVICES"} & set(producer["environment"])
