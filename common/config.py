@@ -12,13 +12,12 @@ import dataclasses
 import difflib
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from lensfeed.common import endpoints
 from lensfeed.common.errors import ConfigError
@@ -226,38 +225,32 @@ class LensfeedConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def _check_keys(raw: Any, schema: type, prefix: str = "") -> None:
-    """Reject keys the dataclass does not have, suggesting the closest one."""
-    if not isinstance(raw, Mapping):
-        return
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown config key '{dotted}'{hint} (known here: {known})")
-        sub = _DATACLASS_FIELDS.get((schema, key))
-        if sub is not None:
-            if not isinstance(value, Mapping):
-                example = dataclasses.fields(sub)[0].name
-                raise ConfigError(
-                    f"'{dotted}' is a section, not a value (got {value!r}); set its keys, "
-                    f"e.g. {dotted}.{example}=..."
-                )
-            _check_keys(value, sub, prefix=f"{dotted}.")
+def _unknown_key(exc: ConfigKeyError) -> ConfigError:
+    """OmegaConf found the unknown key (structured config); name it in full, with the closest
+    known key of its section and the section's keys."""
+    dotted = str(exc.full_key)
+    prefix, _, key = dotted.rpartition(".")
+    known = [f.name for f in dataclasses.fields(exc.object_type)] if exc.object_type else []
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+    return ConfigError(
+        f"unknown config key '{dotted}'{hint} (known here: {', '.join(sorted(known))})"
+    )
 
 
-_DATACLASS_FIELDS: dict[tuple[type, str], type] = {
-    (LensfeedConfig, "dataset"): DatasetConfig,
-    (LensfeedConfig, "feed"): FeedConfig,
-    (LensfeedConfig, "activations"): ActivationsConfig,
-    (LensfeedConfig, "training"): TrainingConfig,
-    (LensfeedConfig, "fake"): FakeConfig,
-    (DatasetConfig, "on_the_fly"): OnTheFlyConfig,
-    (ActivationsConfig, "tiny"): TinyModelConfig,
-}
+def _check_sections(raw: DictConfig) -> None:
+    """A scalar where a section belongs (``feed=3``) gets a message naming the key."""
+    given = OmegaConf.to_container(raw, resolve=False)  # unresolved: no interpolation yet
+    assert isinstance(given, dict)
+    for f in dataclasses.fields(LensfeedConfig):
+        value = given.get(f.name)
+        if value is None or isinstance(value, dict) or not callable(f.default_factory):
+            continue
+        example = dataclasses.fields(f.default_factory())[0].name
+        raise ConfigError(
+            f"'{f.name}' is a section, not a value (got {value!r}); set its keys, "
+            f"e.g. {f.name}.{example}=..."
+        )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, example: str) -> None:
@@ -291,11 +284,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"overrides must look like key=value (got {bad[0]!r})")
         parts.append(OmegaConf.from_dotlist(list(overrides)))
         raw = OmegaConf.merge(*parts) if parts else OmegaConf.create({})
-        _check_keys(OmegaConf.to_container(raw, resolve=False), LensfeedConfig)
+        _check_sections(raw)
         merged = OmegaConf.merge(OmegaConf.structured(LensfeedConfig), raw)
         cfg = OmegaConf.to_object(merged)
     except ConfigError:
         raise
+    except ConfigKeyError as exc:
+        raise _unknown_key(exc) from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         msg = str(exc.msg).splitlines()[0]

@@ -22,9 +22,15 @@ import torch
 from lensfeed.common.errors import ProtocolError
 
 # ZeroMQ frames are read-only and so are the tensors made over them (documented); torch warns
-# about that on every frombuffer. One targeted filter, installed once: a per-call
-# ``catch_warnings()`` cost more than the rest of decoding a message.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+# about that on every frombuffer. One filter, installed once and scoped to the warnings this
+# module's own calls raise (``module=``): a per-call ``catch_warnings()`` cost more than the rest
+# of decoding a message, and a process-wide filter would hide the warning from the user's code.
+warnings.filterwarnings(
+    "ignore",
+    message="The given buffer is not writable",
+    category=UserWarning,
+    module=r"lensfeed\.common\.protocol\Z",
+)
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024

@@ -30,7 +30,7 @@ Hidden states are read without copying any model code, in one of two ways:
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -175,7 +175,7 @@ def _from_factory(spec: str) -> nn.Module:
         )
     module_name, func_name = spec.split(":")
     try:
-        module = importlib.import_module(module_name)
+        func = pkgutil.resolve_name(spec)
     except ModuleNotFoundError as exc:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise ConfigError(
@@ -185,11 +185,12 @@ def _from_factory(spec: str) -> nn.Module:
         raise TransformError(
             f"model factory {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
+    except AttributeError:
+        func = None
     except Exception as exc:
         raise TransformError(
             f"model factory {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
-    func = getattr(module, func_name, None)
     if not callable(func):
         raise ConfigError(
             f"'activations.model' = {spec!r}: module {module_name!r} has no callable {func_name!r}"

@@ -13,6 +13,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from lensfeed.common.spec import DataSpec
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -118,3 +120,56 @@ class Procs:
                 p.communicate(timeout=10)
             except Exception:
                 pass
+
+
+def make_spec(
+    *, b: int, s: int, s0: int | None = None, shuffle: bool = False, seed: int = 0, world: int = 1
+) -> DataSpec:
+    """A data spec with batch ``b``, cycle ``s`` and first cycle ``s0`` (default ``s``)."""
+    return DataSpec(
+        dataset="data/test",
+        columns=("input_ids",),
+        world_size=world,
+        batch_size=b,
+        cycle_size=s,
+        initial_cycle_size=s if s0 is None else s0,
+        seed=seed,
+        shuffle=shuffle,
+    )
+
+
+def trainer_overrides(tmp_path: Path, world_size: int = 1, **extra: object) -> list[str]:
+    """A small reference-trainer run in ``tmp_path``: 3 cycles of 5 batches of 4, batch logs."""
+    base = {
+        "world_size": world_size,
+        "batch_size": 4,
+        "dataset.on_the_fly.samples_per_regeneration_cycle": 20,
+        "feed.endpoint": f"ipc://{tmp_path}/feed-{{rank}}.sock",
+        "feed.timeout_s": 20,
+        "feed.reconnect_timeout_s": 20,
+        "training.collective_timeout_s": 60,
+        "training.num_cycles": 3,
+        "training.progress": "false",
+        "training.log_batches": "true",
+        "training.checkpoint_dir": str(tmp_path / "ckpt"),
+        "training.metrics_path": str(tmp_path / "metrics.jsonl"),
+        "fake.seq_len": 8,
+        "fake.shard_rows": 13,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_in_process(tmp_path: Path, **extra: object) -> tuple[int, Path]:
+    """The reference trainer, 1 rank, in this process, against a FakeProducer of 13 rows."""
+    from lensfeed.common.config import load_config
+    from lensfeed.producer.fake import FakeProducer
+    from lensfeed.trainer.train import run_training
+
+    cfg = load_config(None, trainer_overrides(tmp_path, **extra))
+    spec = DataSpec.from_config(cfg)
+    with FakeProducer(
+        cfg.endpoint_for(0), spec=spec, tensors={"input_ids": ("int32", (8,))}, shard_rows=13
+    ):
+        code = run_training(cfg)
+    return code, Path(cfg.training.metrics_path)

@@ -94,9 +94,10 @@ def test_readme_recipe_is_this_code() -> None:
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("demo", "produce", "train", "fake-produce", "tokenize", "keys"):
+    names = {"demo", "metrics", "produce", "train", "fake-produce", "tokenize", "keys"}
+    for name in names:
         assert name in out
-    assert set(COMMANDS) == {"demo", "produce", "train", "fake-produce", "tokenize", "keys"}
+    assert set(COMMANDS) == names
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -151,11 +152,11 @@ def _config_defaults(cls: type, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     obj = cls()
     for f in dataclasses.fields(cls):
-        sub = C._DATACLASS_FIELDS.get((cls, f.name))
-        if sub is not None:
-            out.update(_config_defaults(sub, f"{prefix}{f.name}."))
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_config_defaults(type(value), f"{prefix}{f.name}."))
         else:
-            out[f"{prefix}{f.name}"] = getattr(obj, f.name)
+            out[f"{prefix}{f.name}"] = value
     return out
 
 

@@ -26,12 +26,10 @@ alive: clone what you store beyond the step. CUDA tensors are ordinary device me
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +39,6 @@ from lensfeed.common import protocol as P
 from lensfeed.common.config import MAX_PREFETCH
 from lensfeed.common.curve import client_keys
 from lensfeed.common.errors import (
-    AuthenticationError,
     LensfeedError,
     ProducerLostError,
     ProducerTimeoutError,
@@ -49,54 +46,16 @@ from lensfeed.common.errors import (
     StateMismatchError,
 )
 from lensfeed.common.spec import DataSpec
-from lensfeed.trainer.connection import ProducerLost
+from lensfeed.trainer.connection import ProducerLost, backoff, count_failed_handshake
 from lensfeed.trainer.contract import TensorContract, TensorSpec
-from lensfeed.trainer.device import Staged, Stager
+from lensfeed.trainer.cycles import Cycle, FeedStats
+from lensfeed.trainer.device import Staged, Stager, release_cycle_memory
 from lensfeed.trainer.session import Session
 
 if TYPE_CHECKING:
     from lensfeed.common.config import LensfeedConfig
 
 log = logging.getLogger("lensfeed.trainer")
-
-
-@dataclass
-class FeedStats:
-    """Counters a training loop reports: how much it got, and how long it waited for it."""
-
-    batches: int = 0
-    samples: int = 0
-    bytes: int = 0
-    wait_s: float = 0.0
-    cleanups: int = 0
-    #: Times a lost producer was reached again, and the seconds those recoveries took.
-    reconnects: int = 0
-    recovery_s: float = 0.0
-
-
-@dataclass
-class Cycle:
-    """One regenerated cycle: iterate it for its batches (from ``start_batch`` on a resume)."""
-
-    index: int
-    num_batches: int
-    start_batch: int
-    meta: dict[str, Any]
-    _client: FeedClient = field(repr=False)
-    wait_s: float = 0.0
-    regen_s: float = 0.0
-    done: bool = False
-
-    @property
-    def remaining(self) -> int:
-        return self.num_batches - self.start_batch
-
-    @property
-    def wraps(self) -> int:
-        return int(self.meta["wraps"])
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self._client._iter_cycle(self)
 
 
 class FeedClient:
@@ -261,12 +220,12 @@ class FeedClient:
                     self._open(deadline)
                     break
                 except ProducerLost as lost:
-                    failed_handshakes = _count_handshake(lost, failed_handshakes)
+                    failed_handshakes = count_failed_handshake(lost, failed_handshakes)
                     if lost.connected:
                         self._recover(lost.cause)
                         break
                     # Nothing listens there yet: the producer may start after us.
-                    if not _pause(attempt, deadline):
+                    if not backoff(attempt, deadline):
                         raise ProducerTimeoutError(
                             f"no answer to hello from the {self._where()} within "
                             f"{self.timeout_s:g} s ({lost.cause})"
@@ -319,10 +278,10 @@ class FeedClient:
                 break
             except ProducerLost as lost:
                 cause = lost.cause
-                failed_handshakes = _count_handshake(lost, failed_handshakes)
+                failed_handshakes = count_failed_handshake(lost, failed_handshakes)
             except ProducerTimeoutError:
                 cause = "no answer to hello"
-            _pause(attempt, deadline)
+            backoff(attempt, deadline)
         cur = self._current
         if cur is not None and not cur.done:
             cycle, batch = self._cursor
@@ -547,40 +506,9 @@ class FeedClient:
         """Release the finished cycle (the original's per-regeneration cleanup)."""
         if not self.cleanup_each_cycle:
             return
-        gc.collect()
-        if not self._gc_frozen:
-            # A full collection rescans every live object: ~140 ms per cycle boundary once torch
-            # is imported. Objects that survive the first one (modules, model, optimizer) are
-            # moved to the permanent generation, so later collections scan only what training
-            # allocated since and the boundary costs ~1 ms (see benchmarks/README.md).
-            gc.freeze()
-            self._gc_frozen = True
-        torch.cuda.empty_cache()  # a no-op unless CUDA was initialised
+        release_cycle_memory(freeze=not self._gc_frozen)
+        self._gc_frozen = True
         self.stats.cleanups += 1
-
-
-#: Consecutive failed handshakes that make a CURVE/key mismatch, not a producer that died in
-#: the middle of one.
-HANDSHAKE_ATTEMPTS = 3
-
-
-def _count_handshake(lost: ProducerLost, failed: int) -> int:
-    """Count consecutive failed handshakes; raise :class:`AuthenticationError` at the limit."""
-    if not lost.handshake:
-        return 0
-    if failed + 1 >= HANDSHAKE_ATTEMPTS:
-        raise AuthenticationError(f"{lost.cause} ({HANDSHAKE_ATTEMPTS} handshakes failed)")
-    return failed + 1
-
-
-def _pause(attempt: int, deadline: float) -> bool:
-    """Back off before connection attempt ``attempt + 1`` (50 ms doubling to 1 s), never past
-    ``deadline``; False when the deadline has passed."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        return False
-    time.sleep(min(left, 0.05 * 2 ** min(attempt, 5)))
-    return True
 
 
 __all__ = ["Cycle", "FeedClient", "FeedStats"]

@@ -193,4 +193,28 @@ class Connection:
         self.sock.close(linger=linger_ms)
 
 
-__all__ = ["Connection", "ProducerLost"]
+#: Consecutive failed handshakes that make a CURVE/key mismatch, not a producer that died in
+#: the middle of one.
+HANDSHAKE_ATTEMPTS = 3
+
+
+def count_failed_handshake(lost: ProducerLost, failed: int) -> int:
+    """Count consecutive failed handshakes; raise :class:`AuthenticationError` at the limit."""
+    if not lost.handshake:
+        return 0
+    if failed + 1 >= HANDSHAKE_ATTEMPTS:
+        raise AuthenticationError(f"{lost.cause} ({HANDSHAKE_ATTEMPTS} handshakes failed)")
+    return failed + 1
+
+
+def backoff(attempt: int, deadline: float) -> bool:
+    """Back off before connection attempt ``attempt + 1`` (50 ms doubling to 1 s), never past
+    ``deadline``; False when the deadline has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return False
+    time.sleep(min(left, 0.05 * 2 ** min(attempt, 5)))
+    return True
+
+
+__all__ = ["HANDSHAKE_ATTEMPTS", "Connection", "ProducerLost", "backoff", "count_failed_handshake"]

@@ -22,7 +22,8 @@ _EXPORTS = {
     "DataSpec": "lensfeed.common.spec",
     "FakeProducer": "lensfeed.producer.fake",
     "FeedClient": "lensfeed.trainer.client",
-    "FeedStats": "lensfeed.trainer.client",
+    "FeedDataset": "lensfeed.trainer.dataset",
+    "FeedStats": "lensfeed.trainer.cycles",
     "LensfeedConfig": "lensfeed.common.config",
     "LensfeedError": "lensfeed.common.errors",
     "ProducerTimeoutError": "lensfeed.common.errors",
@@ -44,7 +45,9 @@ if TYPE_CHECKING:  # static types for the lazily imported names
     )
     from lensfeed.common.spec import DataSpec  # noqa: F401
     from lensfeed.producer.fake import FakeProducer  # noqa: F401
-    from lensfeed.trainer.client import FeedClient, FeedStats  # noqa: F401
+    from lensfeed.trainer.client import FeedClient  # noqa: F401
+    from lensfeed.trainer.cycles import FeedStats  # noqa: F401
+    from lensfeed.trainer.dataset import FeedDataset  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

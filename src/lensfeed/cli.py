@@ -1,6 +1,7 @@
 """The ``lensfeed`` command: one entry point with a subcommand per job.
 
 ``lensfeed demo``          the whole job on this machine, on the embedded demo dataset
+``lensfeed metrics``       a run's metrics per cycle and rank (``--plot``, ``--tensorboard``)
 ``lensfeed produce``       one producer (``python -m lensfeed.producer``)
 ``lensfeed train``         the reference trainer (``python -m lensfeed.trainer``; torchrun: DDP)
 ``lensfeed fake-produce``  synthetic batches over the real protocol (``lensfeed.producer.fake``)
@@ -32,6 +33,10 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(
         "lensfeed.demo",
         "run producers + a 2-rank CPU trainer on the embedded demo dataset, then summarize",
+    ),
+    "metrics": Command(
+        "lensfeed.metrics",
+        "summarise a run's metrics JSONL per cycle and rank; --plot PNG, --tensorboard LOGDIR",
     ),
     "produce": Command(
         "lensfeed.producer.main", "serve one DDP rank's shard over ZeroMQ (a producer)"

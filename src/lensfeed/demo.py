@@ -6,23 +6,21 @@
 2. Starts one producer per rank (``python -m producer --config C --rank r``) and a CPU DDP
    trainer (``python -m torch.distributed.run --standalone --nproc_per_node W -m trainer
    --config C``), passing the same ``key=value`` overrides to all of them.
-3. Waits for the trainer (rank 0 shows a progress bar), then prints a summary read from the
-   metrics JSONL. Exits non-zero if any process failed; on failure or Ctrl-C every child is
-   stopped.
+3. Waits for the trainer (rank 0 shows a progress bar), then prints this run's summary from the
+   metrics JSONL (:mod:`lensfeed.metrics`, as ``lensfeed metrics`` does). Exits non-zero if any
+   process failed; on failure or Ctrl-C every child is stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from lensfeed.demo_data import (
     DEMO_SEQ_LEN,
     prepare_demo_data,
 )
+from lensfeed.metrics import read_new_records, summarize
 
 DEFAULT_CONFIG = "demo.yaml"
 #: Seconds producers get to exit by themselves once the trainer is done.
@@ -77,91 +76,12 @@ def resolve_config(name: str | None) -> Path:
 
 
 def _offsets(metrics_path: str, world: int) -> dict[int, int]:
+    """Each rank's metrics file size before the run: the summary reads only what follows."""
     out = {}
     for r in range(world):
         f = metrics_file(metrics_path, r)
         out[r] = f.stat().st_size if f.is_file() else 0
     return out
-
-
-def read_new_records(metrics_path: str, offsets: dict[int, int]) -> dict[int, list[dict]]:
-    """Records each rank appended after ``offsets`` (this run's records only)."""
-    out: dict[int, list[dict]] = {}
-    for r, start in offsets.items():
-        f = metrics_file(metrics_path, r)
-        records: list[dict] = []
-        if f.is_file():
-            with f.open("rb") as fh:
-                fh.seek(start)
-                for line in fh.read().decode("utf-8", "replace").splitlines():
-                    with contextlib.suppress(ValueError):
-                        records.append(json.loads(line))
-        out[r] = records
-    return out
-
-
-@dataclass
-class RankSummary:
-    rank: int
-    status: str = "missing"
-    cycles: int = 0
-    samples: int = 0
-    samples_per_s: float = 0.0
-    wait_share: float = 0.0
-    wraps: int = 0
-    message: str = ""
-
-
-@dataclass
-class Summary:
-    ranks: list[RankSummary] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.ranks) and all(r.status == "ok" for r in self.ranks)
-
-    def table(self) -> str:
-        head = f"{'rank':>4}  {'status':<8} {'cycles':>6} {'samples':>8} {'samples/s':>10} "
-        head += f"{'data wait':>9} {'wraps':>5}"
-        lines = [head]
-        for r in self.ranks:
-            lines.append(
-                f"{r.rank:>4}  {r.status:<8} {r.cycles:>6} {r.samples:>8} "
-                f"{r.samples_per_s:>10.0f} {100 * r.wait_share:>8.1f}% {r.wraps:>5}"
-            )
-        total_s = sum(r.samples for r in self.ranks)
-        total_rate = sum(r.samples_per_s for r in self.ranks)
-        share = max((r.wait_share for r in self.ranks), default=0.0)
-        lines.append(
-            f"{'all':>4}  {'':<8} {max((r.cycles for r in self.ranks), default=0):>6} "
-            f"{total_s:>8} {total_rate:>10.0f} {100 * share:>8.1f}% "
-            f"{sum(r.wraps for r in self.ranks):>5}"
-        )
-        for r in self.ranks:
-            if r.message:
-                lines.append(f"rank {r.rank}: {r.message}")
-        return "\n".join(lines)
-
-
-def summarize(records: dict[int, list[dict]]) -> Summary:
-    """Per-rank summary from the ``cycle`` and final ``status`` records of one run."""
-    summary = Summary()
-    for rank in sorted(records):
-        rs = RankSummary(rank)
-        for rec in records[rank]:
-            if rec.get("event") == "cycle":
-                rs.cycles = max(rs.cycles, int(rec.get("cycle", -1)) + 1)
-                rs.wraps = int(rec.get("total_wraps", rs.wraps))
-            elif rec.get("event") == "status":
-                rs.status = str(rec.get("training_status", "?"))
-                rs.cycles = int(rec.get("cycles", rs.cycles))
-                rs.samples = int(rec.get("samples", 0))
-                rs.samples_per_s = float(rec.get("samples_per_s", 0.0))
-                rs.wait_share = float(rec.get("wait_share", 0.0))
-                if rs.status != "ok":
-                    rs.message = str(rec.get("message", ""))
-        summary.ranks.append(rs)
-    return summary
 
 
 # --------------------------------------------------------------------------- processes
@@ -202,31 +122,28 @@ def trainer_cmd(config: Path, world: int, overrides: Sequence[str]) -> list[str]
     ]
 
 
-def _descendants(pid: int) -> list[int]:
-    """Child processes of ``pid``, recursively (Linux ``/proc``; empty elsewhere)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError, ValueError):
-            for child in (task / "children").read_text().split():
-                out += [int(child), *_descendants(int(child))]
-    return out
+def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A child in its own process group, so :func:`_stop` reaches everything it starts."""
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+
+def _signal_group(p: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, sig)
 
 
 def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM every child still running (torchrun passes it to its workers), then SIGKILL
-    whatever is left after ``_STOP_S``, the children of a stuck torchrun included."""
+    """SIGTERM every child's process group (torchrun and its workers alike), then SIGKILL
+    whatever is left after ``_STOP_S``."""
     for p in procs:
         if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.terminate()
+            _signal_group(p, signal.SIGTERM)
     deadline = time.monotonic() + _STOP_S
     for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            for pid in [*_descendants(p.pid), p.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            _signal_group(p, signal.SIGKILL)
             p.wait()
 
 
@@ -252,9 +169,9 @@ def run_demo(config: Path, overrides: Sequence[str], *, world: int) -> int:
     failed: list[str] = []
     try:
         for r in range(world):
-            producers.append(subprocess.Popen(producer_cmd(config, r, overrides), env=env))
+            producers.append(_start(producer_cmd(config, r, overrides), env))
         _say(f"started {world} producer(s); starting the {world}-rank trainer (torchrun)")
-        trainer = subprocess.Popen(trainer_cmd(config, world, overrides), env=env)
+        trainer = _start(trainer_cmd(config, world, overrides), env)
         dead_since: float | None = None
         while True:
             try:
@@ -300,7 +217,9 @@ def run_demo(config: Path, overrides: Sequence[str], *, world: int) -> int:
         f"cycle {cfg.cycle_size} samples, config {config})"
     )
     print(summary.table())
-    print(f"metrics: {metrics_file(cfg.training.metrics_path, 0)} (rank r: *.rank<r>.jsonl)")
+    metrics = metrics_file(cfg.training.metrics_path, 0)
+    print(f"metrics: {metrics} (rank r: *.rank<r>.jsonl)")
+    print(f"per cycle: lensfeed metrics {metrics} [--plot out.png]")
     if not summary.ok and not failed:
         failed.append("the trainer wrote no successful status record")
     for f in failed:
@@ -384,8 +303,6 @@ __all__ = [
     "conf_dir",
     "main",
     "parser",
-    "read_new_records",
     "resolve_config",
     "run_demo",
-    "summarize",
 ]

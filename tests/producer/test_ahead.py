@@ -9,8 +9,7 @@ import pytest
 from lensfeed.producer.ahead import Prefetcher, Ready
 from lensfeed.producer.shard import load_shard
 from lensfeed.producer.source import ShardSource
-from tests._util import make_dataset
-from tests.producer.test_cycle import make_spec
+from tests._util import make_dataset, make_spec
 
 
 @pytest.fixture(scope="module")

@@ -17,23 +17,7 @@ from lensfeed.common.spec import DataSpec
 from lensfeed.producer.cycle import CycleCursor
 from lensfeed.producer.shard import load_shard, rank_slice
 from lensfeed.producer.source import BatchContext, ShardSource
-from tests._util import make_dataset
-
-
-def make_spec(
-    *, b: int, s: int, s0: int | None = None, shuffle: bool = False, seed: int = 0, world: int = 1
-) -> DataSpec:
-    return DataSpec(
-        dataset="data/test",
-        columns=("input_ids",),
-        world_size=world,
-        batch_size=b,
-        cycle_size=s,
-        initial_cycle_size=s if s0 is None else s0,
-        seed=seed,
-        shuffle=shuffle,
-    )
-
+from tests._util import make_dataset, make_spec
 
 # --------------------------------------------------------------------------- reference
 

@@ -19,9 +19,8 @@ import torch
 from lensfeed.common.config import load_config
 from lensfeed.common.errors import ConfigError, LensfeedError
 from lensfeed.trainer import checkpoint
-from tests._util import free_port, make_dataset, python_cmd, torchrun_cmd
+from tests._util import free_port, make_dataset, python_cmd, run_in_process, torchrun_cmd
 from tests._util import read_records as records
-from tests.trainer.test_train import run_in_process
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,47 +7,12 @@ from pathlib import Path
 import pytest
 
 from lensfeed.common.config import load_config
-from lensfeed.common.spec import DataSpec
-from lensfeed.producer.fake import FakeProducer
 from lensfeed.trainer.train import run_training
-from tests._util import python_cmd
+from tests._util import python_cmd, run_in_process
 from tests._util import read_records as records
+from tests._util import trainer_overrides as overrides
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def overrides(tmp_path: Path, world_size: int = 1, **extra: object) -> list[str]:
-    base = {
-        "world_size": world_size,
-        "batch_size": 4,
-        "dataset.on_the_fly.samples_per_regeneration_cycle": 20,
-        "feed.endpoint": f"ipc://{tmp_path}/feed-{{rank}}.sock",
-        "feed.timeout_s": 20,
-        "feed.reconnect_timeout_s": 20,
-        "training.collective_timeout_s": 60,
-        "training.num_cycles": 3,
-        "training.progress": "false",
-        "training.log_batches": "true",
-        "training.checkpoint_dir": str(tmp_path / "ckpt"),
-        "training.metrics_path": str(tmp_path / "metrics.jsonl"),
-        "fake.seq_len": 8,
-        "fake.shard_rows": 13,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def run_in_process(tmp_path: Path, **extra: object) -> tuple[int, Path]:
-    cfg = load_config(None, overrides(tmp_path, **extra))
-    spec = DataSpec.from_config(cfg)
-    with FakeProducer(
-        cfg.endpoint_for(0),
-        spec=spec,
-        tensors={"input_ids": ("int32", (8,))},
-        shard_rows=13,
-    ):
-        code = run_training(cfg)
-    return code, Path(cfg.training.metrics_path)
 
 
 def test_single_rank_in_process(tmp_path):
