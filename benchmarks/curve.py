@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Workdir, write_json
-from benchmarks.data import DEFAULT_DATA_DIR, ensure_dataset
+from benchmarks.data import standard_datasets
 from benchmarks.feed import run_feed
-from benchmarks.settings import BATCH, CASES, DATASETS
+from benchmarks.settings import BATCH, CASES
 from lensfeed.common.curve import create_keys
 from tests._util import free_port
 
@@ -86,10 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "curve.json")
     args = p.parse_args(argv)
     work = Workdir()
-    datasets = {
-        name: ensure_dataset(name, rows=rows, seq_len=seq, data_dir=DEFAULT_DATA_DIR).path
-        for name, (rows, seq) in DATASETS.items()
-    }
+    datasets = standard_datasets()
     rows = measure(work, datasets, repeats=args.repeats)
     print(f"{'case':45} {'ipc':>12} {'tcp':>12} {'tcp+CURVE':>12} {'CURVE/tcp':>10}")
     for r in rows:

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Workdir, child_env, write_json
-from benchmarks.data import DEFAULT_DATA_DIR, ensure_dataset
+from benchmarks.data import standard_datasets
 from benchmarks.feed import run_feed
-from benchmarks.settings import BATCH, CASES, DATASETS
+from benchmarks.settings import BATCH, CASES
 from lensfeed.common.config import load_config
 from lensfeed.trainer.client import FeedClient
 from lensfeed.trainer.train import batch_digest
@@ -156,10 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--skip-heartbeats", action="store_true")
     args = p.parse_args(argv)
     work = Workdir()
-    datasets = {
-        name: ensure_dataset(name, rows=rows, seq_len=seq, data_dir=DEFAULT_DATA_DIR).path
-        for name, (rows, seq) in DATASETS.items()
-    }
+    datasets = standard_datasets()
     result: dict[str, Any] = {
         "recovery": measure_recovery(
             work, datasets["tok128"], repeats=args.repeats, heartbeat_s=3.0

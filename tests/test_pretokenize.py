@@ -35,13 +35,19 @@ def test_byte_tokenizer_is_utf8_bytes_with_nul_eos() -> None:
 
 def test_packer_concatenates_with_eos_and_cuts_fixed_rows() -> None:
     p = T.Packer(3, eos_id=0)
-    first = p.add(np.array([1, 2]))  # stream: 1 2 0
+    first = p.add(np.array([1, 2]), [2])  # stream: 1 2 0
     assert first.tolist() == [[1, 2, 0]]
     assert first.dtype == np.int32
-    second = p.add(np.array([3, 4, 5, 6]))  # stream: 3 4 5 | 6 0
+    second = p.add(np.array([3, 4, 5, 6]), [4])  # stream: 3 4 5 | 6 0
     assert second.tolist() == [[3, 4, 5]]
     assert p.dropped == 2
     assert (p.documents, p.tokens) == (2, 8)
+    # several documents at once (one Dataset.map batch), an empty one among them
+    third = p.add(np.array([7, 8, 9]), [1, 0, 2])  # stream: (6 0) 7 | 0 0 8 | 9 0
+    assert third.tolist() == [[6, 0, 7], [0, 0, 8]]
+    assert (p.documents, p.tokens, p.dropped) == (5, 14, 2)
+    with pytest.raises(LensfeedError, match="int32"):
+        p.add(np.array([2**31]), [1])
 
 
 def test_packer_rejects_tiny_seq_len() -> None:
@@ -50,14 +56,31 @@ def test_packer_rejects_tiny_seq_len() -> None:
 
 
 def test_read_documents_modes(tmp_path: Path) -> None:
+    def read(paths: list[Path], **kw: str) -> list[str]:
+        return T.read_documents(paths, cache_dir=tmp_path / "cache", **kw)["text"][:]
+
     txt = _write(tmp_path / "a.txt", "one\ntwo\n\nthree\n")
-    assert list(T.read_documents([txt])) == ["one\ntwo\n\nthree\n"]
-    assert list(T.read_documents([txt], txt_mode="line")) == ["one", "two", "three"]
-    assert list(T.read_documents([txt], txt_mode="paragraph")) == ["one\ntwo", "three"]
+    assert read([txt]) == ["one\ntwo\n\nthree\n"]
+    assert read([txt], txt_mode="line") == ["one", "two", "three"]
+    assert read([txt], txt_mode="paragraph") == ["one\ntwo", "three"]
     js = _jsonl(tmp_path / "b.jsonl", ["x", "y"])
-    assert list(T.read_documents([txt, js], txt_mode="line")) == ["one", "two", "three", "x", "y"]
+    lines = ["one", "two", "three"]
+    assert read([txt, js, txt], txt_mode="line") == [*lines, "x", "y", *lines]  # in file order
     other = _jsonl(tmp_path / "c.jsonl", ["z"], field="content")
-    assert list(T.read_documents([other], text_field="content")) == ["z"]
+    assert read([other], text_field="content") == ["z"]
+    # paragraphs are split at empty lines, as load_dataset(sample_by="paragraph") does: extra
+    # newlines around one are dropped, a line holding only spaces is part of the paragraph
+    para = _write(tmp_path / "p.txt", "\n\na\r\nb\n\n\n\nc\n  \nd\n\n\n")
+    assert read([para], txt_mode="paragraph") == ["a\nb", "c\n  \nd"]
+    # empty files: one empty document per .txt file, none for .jsonl or in line/paragraph mode
+    empty_txt, empty_js = _write(tmp_path / "e.txt", ""), _write(tmp_path / "e.jsonl", "")
+    blank_js = _write(tmp_path / "blank.jsonl", "\n \n")
+    assert read([empty_txt, empty_js, blank_js]) == [""]
+    assert read([empty_txt], txt_mode="line") == []
+    assert read([_write(tmp_path / "nl.txt", "\n\n\n")], txt_mode="paragraph") == []
+    # JSON lines that newer datasets would read as agent traces stay plain text records
+    trace = _write(tmp_path / "t.jsonl", '{"type": "a", "message": {"k": 1}, "text": "hi"}\n')
+    assert read([trace]) == ["hi"]
 
 
 @pytest.mark.parametrize(
@@ -65,7 +88,10 @@ def test_read_documents_modes(tmp_path: Path) -> None:
     [
         ("bad.jsonl", '{"text": "ok"}\nnot json\n', r"bad\.jsonl:2: not valid JSON"),
         ("nofield.jsonl", '{"body": "x"}\n', r"nofield\.jsonl:1: no field 'text'"),
+        ("some.jsonl", '{"text": "a"}\n\n{"body": "x"}\n', r"some\.jsonl:3: no field 'text'"),
         ("num.jsonl", '{"text": 3}\n', r"num\.jsonl:1: field 'text' holds int"),
+        ("mixed.jsonl", '{"text": "a"}\n{"text": 3}\n', r"mixed\.jsonl:2: field 'text' holds int"),
+        ("list.jsonl", '{"text": "a"}\n["b"]\n', r"list\.jsonl:2: no field 'text'"),
         ("corpus.csv", "a,b\n", r"expected a \.txt or \.jsonl"),
     ],
 )
@@ -74,7 +100,18 @@ def test_read_documents_errors_name_file_and_line(
 ) -> None:
     path = _write(tmp_path / name, content)
     with pytest.raises(LensfeedError, match=match):
-        list(T.read_documents([path]))
+        T.read_documents([path], cache_dir=tmp_path / "cache")
+
+
+def test_read_documents_other_errors(tmp_path: Path) -> None:
+    with pytest.raises(LensfeedError, match=r"corpus file not found: .*missing\.txt"):
+        T.read_documents([tmp_path / "missing.txt"])
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    with pytest.raises(LensfeedError, match=r"latin1\.txt: cannot read: UnicodeDecodeError"):
+        T.read_documents([latin1], cache_dir=tmp_path / "cache")
+    with pytest.raises(ConfigError, match="--txt-docs"):
+        T.read_documents([latin1], txt_mode="sentence")
 
 
 def test_tokenize_writes_a_dataset_the_producer_serves(tmp_path: Path) -> None:
@@ -96,21 +133,26 @@ def test_tokenize_writes_a_dataset_the_producer_serves(tmp_path: Path) -> None:
     assert shard.num_rows == rows // 2
     assert json.loads((out / T.INFO_FILE).read_text())["seq_len"] == 16
 
+    # datasets' Arrow copy of the corpus and the intermediate files are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "ds"]
+
     with pytest.raises(LensfeedError, match="already exists"):
         T.tokenize_corpus([corpus], out, seq_len=16)
     again = T.tokenize_corpus([corpus], out, seq_len=8, overwrite=True)
     assert again.rows == len(stream) // 8
 
 
-def test_tokenize_in_parts_equals_one_part(tmp_path: Path) -> None:
+def test_tokenize_in_batches_and_processes_equals_one_batch(tmp_path: Path) -> None:
     docs = [f"text number {i} " * 3 for i in range(50)]
     tok = T.ByteTokenizer()
-    one = T.write_packed(iter(docs), tmp_path / "one", tokenizer=tok, seq_len=8)
-    parts = T.write_packed(iter(docs), tmp_path / "parts", tokenizer=tok, seq_len=8, part_rows=3)
-    assert one.rows == parts.rows
-    a = datasets.load_from_disk(str(tmp_path / "one")).with_format("numpy")["input_ids"][:]
-    b = datasets.load_from_disk(str(tmp_path / "parts")).with_format("numpy")["input_ids"][:]
-    assert np.array_equal(np.asarray(a), np.asarray(b))
+    stream = np.frombuffer(b"".join(d.encode() + b"\0" for d in docs), dtype=np.uint8)
+    expected = stream[: len(stream) // 8 * 8].reshape(-1, 8)
+    for name, kw in [("one", {}), ("batches", {"batch_size": 3}), ("procs", {"num_proc": 2})]:
+        info = T.write_packed(iter(docs), tmp_path / name, tokenizer=tok, seq_len=8, **kw)
+        ids = datasets.load_from_disk(str(tmp_path / name)).with_format("numpy")["input_ids"][:]
+        assert np.array_equal(np.asarray(ids), expected), name
+        assert (info.rows, info.documents) == (len(expected), 50)
+        assert info.dropped_tokens == len(stream) % 8
 
 
 def test_tokenize_refuses_a_corpus_shorter_than_one_row(tmp_path: Path) -> None:
@@ -118,6 +160,12 @@ def test_tokenize_refuses_a_corpus_shorter_than_one_row(tmp_path: Path) -> None:
     with pytest.raises(LensfeedError, match="fewer than one row"):
         T.tokenize_corpus([corpus], tmp_path / "out", seq_len=64)
     assert not (tmp_path / "out").exists()
+    empty = _write(tmp_path / "empty.jsonl", "")
+    with pytest.raises(LensfeedError, match="has 0 tokens, fewer than one row"):
+        T.tokenize_corpus([empty], tmp_path / "out", seq_len=64)
+    with pytest.raises(ConfigError, match="seq-len"):
+        T.tokenize_corpus([corpus], tmp_path / "out", seq_len=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "tiny.txt"]
 
 
 def test_lensfeed_tokenize_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,6 +178,15 @@ def test_lensfeed_tokenize_command(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "rows x 32 tokens" in capsys.readouterr().out
     assert datasets.load_from_disk(str(out)).num_rows > 0
     assert cli_main(["tokenize", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x")]) == 1
+    bad = _write(tmp_path / "bad.jsonl", '{"body": "x"}\n')
+    assert cli_main(["tokenize", str(bad), "-o", str(tmp_path / "x")]) == 1
+    assert cli_main(["tokenize", str(corpus), "-o", str(out), "--seq-len", "32"]) == 1  # exists
+    code = cli_main(
+        ["tokenize", str(corpus), "-o", str(out), "--seq-len", "16", "--num-proc", "2"]
+        + ["--overwrite"]
+    )
+    assert code == 0
+    assert "rows x 16 tokens" in capsys.readouterr().out
 
 
 def test_hf_tokenizer_from_local_files(tmp_path: Path) -> None:

@@ -10,61 +10,15 @@ from typing import Any
 
 import msgpack
 import pytest
-import zmq
 
 from lensfeed.common import protocol as P
 from lensfeed.common.config import load_config
 from lensfeed.common.spec import DataSpec
 from lensfeed.producer.fake import FakeProducer
 from lensfeed.producer.peers import PeerGuard
+from tests._peer import WAIT_S, RawPeer
 
 pytestmark = pytest.mark.timeout(90)
-
-WAIT_S = 20.0
-
-
-class Peer:
-    """A bare DEALER speaking the protocol by hand."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-
-    def send(self, kind: str, **fields: Any) -> None:
-        self.sock.send_multipart(P.encode(kind, fields))
-
-    def hello(self, ds: DataSpec, **kw: Any) -> None:
-        """HELLO for ``ds``; keyword arguments replace any field (e.g. ``spec=...``)."""
-        fields = {
-            "rank": 0,
-            "world_size": ds.world_size,
-            "spec": ds.to_dict(),
-            "fingerprint": ds.fingerprint(),
-            "cycle": 0,
-            "batch": 0,
-            "credits": 100,
-        }
-        fields.update(kw)
-        self.send(P.HELLO, **fields)
-
-    def expect(self, kind: str) -> P.Message:
-        assert self.sock.poll(int(WAIT_S * 1000)), f"no {kind} within {WAIT_S} s"
-        msg = P.decode(self.sock.recv_multipart())
-        assert msg.kind == kind, msg.header
-        return msg
-
-    def drain(self) -> int:
-        n = 0
-        while self.sock.poll(0):
-            self.sock.recv_multipart()
-            n += 1
-        return n
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
 
 
 @pytest.fixture
@@ -82,10 +36,10 @@ def fake(tmp_path: Path, spec: DataSpec):
 
 @pytest.fixture
 def peers(fake: FakeProducer):
-    made: list[Peer] = []
+    made: list[RawPeer] = []
 
-    def make() -> Peer:
-        made.append(Peer(fake.endpoint))
+    def make() -> RawPeer:
+        made.append(RawPeer(fake.endpoint))
         return made[-1]
 
     yield make
@@ -93,7 +47,7 @@ def peers(fake: FakeProducer):
         p.close()
 
 
-def served(peer: Peer, spec: DataSpec) -> None:
+def served(peer: RawPeer, spec: DataSpec) -> None:
     """A legitimate session still gets a whole cycle."""
     peer.hello(spec)
     peer.expect(P.WELCOME)
