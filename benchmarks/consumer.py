@@ -1,5 +1,5 @@
-"""A trainer-side process for the benchmarks: a :class:`trainer.client.FeedClient` loop that
-times cycles, batches and cycle boundaries and writes a JSON report when it exits.
+"""A trainer-side process for the benchmarks: a :class:`lensfeed.trainer.client.FeedClient`
+loop that times cycles, batches and cycle boundaries and writes a JSON report when it exits.
 
 ::
 
@@ -21,7 +21,6 @@ is in the loop's hands; ``boundary_feed_wait_s`` is the part of it spent waiting
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import sys
 import time
@@ -31,7 +30,6 @@ from typing import Any
 
 import torch
 
-from benchmarks import patches
 from benchmarks.common import AnonSampler, self_report, spend, write_json
 from lensfeed.common.config import LensfeedConfig, load_config
 from lensfeed.common.logs import setup_logging
@@ -48,21 +46,17 @@ def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
         cfg,
         0,
         device=device,
-        cleanup_each_cycle=not args.no_cleanup,
         tensors=dict(args.tensor) or None,
     )
     cuda = device.type == "cuda"
     t_conn = time.perf_counter()
     feed.connect()
-    if args.gc_freeze:
-        gc.freeze()
     t_start = time.perf_counter()
     cycles: list[dict[str, Any]] = []
     total_batches = 0
     t_prev = t_start  # end of the previous cycle (or of the connect)
     t_last_step = t_start
     wait_at_last_step = feed.stats.wait_s
-    stop = False
     for cycle in feed.cycles(args.cycles):
         wall_start = time.time()  # wall clock: lines up with /proc samples taken outside
         wait0 = feed.stats.wait_s
@@ -88,9 +82,6 @@ def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
             total_batches += 1
             t_last_step = time.perf_counter()
             wait_at_last_step = feed.stats.wait_s
-            if args.max_batches and total_batches >= args.max_batches:
-                stop = True
-                break
         if cuda:
             torch.cuda.synchronize(device)
         t_end = time.perf_counter()
@@ -118,8 +109,6 @@ def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
             }
         )
         t_prev = t_end
-        if stop:
-            break
     wall = time.perf_counter() - t_start
     feed.close()
     return {
@@ -131,7 +120,6 @@ def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
         "wait_s": feed.stats.wait_s,
         "cleanups": feed.stats.cleanups,
         "device": str(device),
-        "patches": args.patch,
     }
 
 
@@ -147,12 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also time every BLOCK batches inside each cycle (arrival to arrival), so "
         "steady-state throughput excludes the cycle boundary",
     )
-    p.add_argument("--max-batches", type=int, default=0, help="stop after this many batches")
     p.add_argument("--step-s", type=float, default=0.0, help="simulated training step per batch")
     p.add_argument("--step-mode", choices=("sleep", "busy"), default="sleep")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-cleanup", action="store_true", help="cleanup_each_cycle=False")
-    p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after connecting")
     p.add_argument(
         "--tensor",
         action="append",
@@ -160,15 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="a tensor the producer serves, name:dtype:shape (its transform's output)",
     )
-    p.add_argument(
-        "--patch", action="append", default=[], help="client-side prototype (benchmarks.patches)"
-    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     AnonSampler.start()
     setup_logging("bench-consumer", rank=0, level=logging.WARNING)
-    for name in args.patch:
-        patches.apply(name)
     cfg = load_config(None, args.overrides)
     if cfg.feed.tune_malloc:  # what `lensfeed train` does at start
         tune_for_large_messages()

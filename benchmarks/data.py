@@ -59,4 +59,14 @@ def ensure_dataset(name: str, *, rows: int, seq_len: int, data_dir: Path) -> Tok
     return TokenData(name, rows, seq_len, path)
 
 
-__all__ = ["DEFAULT_DATA_DIR", "TokenData", "ensure_dataset"]
+def standard_datasets(data_dir: Path = DEFAULT_DATA_DIR) -> dict[str, Path]:
+    """The benchmark datasets of ``settings.DATASETS`` (made once, then reused), by name."""
+    from benchmarks.settings import DATASETS
+
+    return {
+        name: ensure_dataset(name, rows=rows, seq_len=seq, data_dir=data_dir).path
+        for name, (rows, seq) in DATASETS.items()
+    }
+
+
+__all__ = ["DEFAULT_DATA_DIR", "TokenData", "ensure_dataset", "standard_datasets"]

@@ -4,6 +4,7 @@ JSON reports (optionally under a sampling profiler)."""
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,32 +32,19 @@ class FeedResult:
         return [b for c in self.timed_cycles() for b in c["blocks"]]
 
 
-def profiler() -> str:
-    """``py-spy`` (all threads, native sampling) if installed, else ``pyinstrument`` (main
-    thread only)."""
-    return "py-spy" if shutil.which("py-spy") else "pyinstrument"
+def profiler() -> str | None:
+    """The ``py-spy`` executable (every thread, native sampling, no pause), on ``PATH`` or beside
+    this interpreter (an unactivated venv); None without it: profiles are optional (the
+    ``bench`` extra)."""
+    return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
 
 
 def _wrap(cmd: list[str], profile: Path | None) -> list[str]:
-    if profile is None:
+    spy = profiler()
+    if profile is None or spy is None:
         return cmd
-    if profiler() == "py-spy":
-        return [
-            "py-spy",
-            "record",
-            "--threads",
-            "--nonblocking",
-            "--rate",
-            "250",
-            "--format",
-            "raw",
-            "--output",
-            str(profile),
-            "--",
-            *cmd,
-        ]
-    assert cmd[1] == "-m"
-    return [cmd[0], "-m", "pyinstrument", "-r", "text", "-o", str(profile), "-m", *cmd[2:]]
+    rec = ["record", "--threads", "--nonblocking", "--rate", "250", "--format", "raw"]
+    return [spy, *rec, "--output", str(profile), "--", *cmd]
 
 
 def overrides(
@@ -96,8 +84,6 @@ def run_feed(
     transform: str = "",
     extra_overrides: Sequence[str] = (),
     consumer_args: Sequence[str] = (),
-    producer_patches: Sequence[str] = (),
-    consumer_patches: Sequence[str] = (),
     profile: bool = False,
     timeout_s: float = 300.0,
     producer_codes: Sequence[int] = (0,),
@@ -122,16 +108,13 @@ def run_feed(
         ],
     )
     p_report, c_report = work.path(f"{name}-producer.json"), work.path(f"{name}-consumer.json")
-    ext = "collapsed" if profiler() == "py-spy" else "txt"
     profiles: dict[str, Path] = {}
     if profile:
         for side in ("producer", "trainer"):
-            profiles[side] = work.path(f"{name}-{side}.{ext}")
+            profiles[side] = work.path(f"{name}-{side}.collapsed")
     p_cmd = py("benchmarks.producer_runner", "--report", str(p_report))
     if transform:
         p_cmd += ["--transform", transform]
-    for patch in producer_patches:
-        p_cmd += ["--patch", patch]
     c_cmd = py(
         "benchmarks.consumer",
         "--report",
@@ -143,8 +126,6 @@ def run_feed(
         *consumer_args,
         *_declared_tensors(transform),
     )
-    for patch in consumer_patches:
-        c_cmd += ["--patch", patch]
     producer = Proc(
         _wrap([*p_cmd, "--", *ov], profiles.get("producer")), log=work.path(f"{name}-p.log")
     )

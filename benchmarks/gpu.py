@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.common import GB, Workdir, summarize
 from benchmarks.feed import run_feed
-from benchmarks.settings import BATCH, CASES, Settings
+from benchmarks.settings import BATCH, Settings
 
 
 def pinned_copy(nbytes: int, count: int, repeats: int) -> list[float]:
@@ -40,7 +40,7 @@ def run(
     if not torch.cuda.is_available():
         return {"available": False, "note": "no GPU on this machine (torch.cuda.is_available())"}
     rows: list[dict[str, Any]] = []
-    for case in CASES:
+    for case in settings.selected():
         if case.key == "tok128":
             continue
         n = settings.batches_per_cycle(case)

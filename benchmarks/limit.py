@@ -27,7 +27,7 @@ import numpy as np
 import zmq
 
 from benchmarks.common import self_report, write_json
-from benchmarks.patches import tune_malloc
+from lensfeed.common.malloc import tune_for_large_messages
 
 
 def send(endpoint: str, nbytes: int, count: int, rounds: int, hwm: int) -> None:
@@ -94,11 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--tune-malloc",
         action="store_true",
-        help="receiver keeps large blocks in the heap (benchmarks.patches.tune_malloc)",
+        help="receiver keeps large blocks in the heap (what feed.tune_malloc does)",
     )
     a = p.parse_args(argv)
     if a.tune_malloc and a.role == "recv":
-        tune_malloc()
+        tune_for_large_messages()
     if a.role == "send":
         send(a.endpoint, a.nbytes, a.count, a.rounds, a.hwm)
     else:

@@ -1,5 +1,5 @@
-"""A producer process for the benchmarks: exactly ``python -m producer``, plus an optional
-benchmark transform, plus a JSON report (peak RSS, CPU time) written when it exits.
+"""A producer process for the benchmarks: exactly ``python -m lensfeed.producer``, plus an
+optional benchmark transform, plus a JSON report (peak RSS, CPU time) written when it exits.
 
 ::
 
@@ -15,14 +15,13 @@ benchmark transform, plus a JSON report (peak RSS, CPU time) written when it exi
 ``cost:SECONDS[:sleep|busy]``
     pass-through that takes a fixed time per batch (a simulated regeneration step).
 
-Without ``--transform`` the producer is ``producer.main.run_producer`` untouched. The transform
-is attached by wrapping ``producer.main.build_source``, the only seam needed.
+Without ``--transform`` the producer is ``lensfeed.producer.main.run_producer`` untouched. The
+transform is attached by wrapping ``lensfeed.producer.main.build_source``, the only seam needed.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -32,7 +31,6 @@ import numpy as np
 import torch
 
 import lensfeed.producer.main as producer_main
-from benchmarks import patches
 from benchmarks.common import AnonSampler, self_report, spend, write_json
 from lensfeed.common.config import load_config
 from lensfeed.common.logs import setup_logging
@@ -91,16 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--report", type=Path, required=True, help="JSON report written at exit")
     p.add_argument("--transform", default="", help="act:DTYPE:SHAPE or cost:SECONDS[:MODE]")
-    p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before serving")
-    p.add_argument(
-        "--patch", action="append", default=[], help="producer-side prototype (benchmarks.patches)"
-    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     AnonSampler.start()
     setup_logging("bench-producer", rank=0, level=logging.WARNING)
-    for name in args.patch:
-        patches.apply(name)
     cfg = load_config(None, args.overrides)
     if cfg.feed.tune_malloc:  # what `lensfeed produce` does at start
         tune_for_large_messages()
@@ -114,13 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return source
 
         producer_main.build_source = build_source  # type: ignore[assignment]
-    if args.gc_freeze:
-        gc.freeze()
     code = producer_main.run_producer(cfg, 0)
     report = {
         "exit_code": code,
         "transform": args.transform,
-        "patches": args.patch,
         **self_report(),
     }
     write_json(args.report, report)

@@ -4,14 +4,13 @@
 without pausing them; idle samples (a thread blocked in a syscall: poll, condition wait) are
 dropped by py-spy, so percentages are shares of *on-CPU* samples. The raw collapsed stacks are
 reduced to text summaries (per process: top functions by self and inclusive samples; per thread:
-top self) written to ``results/profile_<case>_<process>.txt``. Without py-spy, pyinstrument's
-text report (main thread only) is saved instead.
+top self) written to ``results/profile_<case>_<process>.txt``. Without py-spy (the ``bench``
+extra) the section measures only the per-thread CPU, which needs no profiler.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -20,8 +19,7 @@ from typing import Any
 
 from benchmarks.common import Workdir
 from benchmarks.feed import profiler
-from benchmarks.patches import pending
-from benchmarks.settings import CASES, Settings
+from benchmarks.settings import Settings
 from benchmarks.throughput import steady_feed
 
 _LINE = re.compile(r":\d+\)$")
@@ -125,7 +123,7 @@ def thread_costs(
     """CPU per batch of every thread of both processes (``/proc``, no profiler attached), for
     each case shuffled: where a batch's cost goes when two cores carry the whole pipeline."""
     out = []
-    for case in CASES:
+    for case in settings.selected():
         progress(f"thread CPU {case.key}")
         res, rates, _ = steady_feed(
             work, f"threads-{case.key}", case, settings, data, shuffle=True, thread_cpu=True
@@ -151,6 +149,10 @@ def thread_costs(
     return out
 
 
+#: Cases profiled (shuffled), where their hot spots differ: per-message work, big frames, gather.
+PROFILED = ("tok128", "act32", "tok2048")
+
+
 def run(
     work: Workdir,
     settings: Settings,
@@ -158,51 +160,28 @@ def run(
     out_dir: Path,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    cases = {c.key: c for c in CASES}
-    plan = [
-        ("tok128", False),
-        ("act32", False),
-        ("tok2048", False),
-        ("tok128", True),
-        ("act32", True),
-    ]
-    tool = profiler()
-    protos = [*pending("producer"), *pending("trainer")]
-    if not protos:  # every prototype is in lensfeed now: nothing extra to profile
-        plan = [(key, proto) for key, proto in plan if not proto]
+    tool = "py-spy" if profiler() else None
     results: dict[str, Any] = {"profiler": tool, "runs": []}
-    for key, proto in plan:
-        case = cases[key]
-        name = f"{key}_shuffled" + ("_prototypes" if proto else "")
+    if tool is None:
+        progress("profile: no py-spy installed, so per-thread CPU only")
+    cases = [c for c in settings.selected() if c.key in PROFILED] if tool else []
+    for case in sorted(cases, key=lambda c: PROFILED.index(c.key)):
+        name = f"{case.key}_shuffled"
         progress(f"profile {name}")
         res, rates, _ = steady_feed(
-            work,
-            f"prof-{name}",
-            case,
-            settings,
-            data,
-            shuffle=True,
-            prototype=proto,
-            profile=True,
+            work, f"prof-{name}", case, settings, data, shuffle=True, profile=True
         )
         rate = statistics.median(rates)
-        entry: dict[str, Any] = {"name": name, "case": key, "prototypes": proto, "files": {}}
+        entry: dict[str, Any] = {"name": name, "case": case.key, "files": {}, "top": {}}
         entry["samples_per_s_under_profiler"] = rate
         for side, raw in res.profiles.items():
-            dest = out_dir / f"profile_{name}_{side}.txt"
-            title = (
-                f"{side} process, {case.label}, shuffled"
-                + (", with prototypes " + ", ".join(protos)) * proto
-                + f" ({tool}; {rate:,.0f} samples/s while profiled)"
-            )
             if not raw.is_file():
                 continue
-            if tool == "py-spy":
-                dest.write_text(summarize_collapsed(raw, title=title))
-            else:
-                shutil.copyfile(raw, dest)
+            dest = out_dir / f"profile_{name}_{side}.txt"
+            title = f"{side} process, {case.label}, shuffled (py-spy; {rate:,.0f} samples/s)"
+            dest.write_text(summarize_collapsed(raw, title=title))
             entry["files"][side] = dest.name
-            entry.setdefault("top", {})[side] = top_self(dest)
+            entry["top"][side] = top_self(dest)
         results["runs"].append(entry)
     results["threads"] = thread_costs(work, settings, data, progress)
     return results

@@ -1,4 +1,5 @@
-"""Turn the suite's results into targets (pass/fail), a Markdown report and a PNG plot."""
+"""Turn the suite's results into targets (pass/fail) and a Markdown report (the plot is in
+:mod:`benchmarks.plot`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import KiB, MiB, fmt_bytes, fmt_rate
+from benchmarks.common import KiB, fmt_bytes, fmt_rate
 from benchmarks.settings import CASES
 
 METHOD_ORDER = [
@@ -15,12 +16,12 @@ METHOD_ORDER = [
     "limit@msg",
     "limit+malloc",
     "lensfeed",
-    "lensfeed+proto",
     "original",
     "dataloader-w0",
     "dataloader-w2",
 ]
 BASELINES = {"original": "original", "DL w0": "dataloader-w0", "DL w2": "dataloader-w2"}
+NO_PROFILER = "py-spy is not installed (`pip install -e '.[bench]'`)"
 README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
 
@@ -28,7 +29,8 @@ README_END = "<!-- results:end -->"
 # --------------------------------------------------------------------------- lookups
 
 
-def _find(rows: list[dict[str, Any]], case: str, method: str, shuffle: bool | None) -> Any:
+def find_row(rows: list[dict[str, Any]], case: str, method: str, shuffle: bool | None) -> Any:
+    """The row of ``case`` and ``method`` in that order (the limit rows have none), or None."""
     for r in rows:
         same = r["case"] == case and r["method"] == method
         if same and (r["shuffle"] is None or r["shuffle"] == shuffle):
@@ -44,125 +46,106 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     """``ratios``: this row's median samples/s over the limit's and each baseline's."""
     for r in rows:
         shuffle = r["shuffle"]
-        limit = _find(rows, r["case"], "limit", None)
+        limit = find_row(rows, r["case"], "limit", None)
         ref = {
             "limit": limit,
             # the limit at the message size lensfeed sends (= limit when it sends one batch)
-            "limit@msg": _find(rows, r["case"], "limit@msg", None) or limit,
-            "limit+malloc": _find(rows, r["case"], "limit+malloc", None),
+            "limit@msg": find_row(rows, r["case"], "limit@msg", None) or limit,
+            "limit+malloc": find_row(rows, r["case"], "limit+malloc", None),
         }
         for label, method in BASELINES.items():
-            ref[label] = _find(rows, r["case"], method, shuffle)
+            ref[label] = find_row(rows, r["case"], method, shuffle)
         mine = _median(r)
         r["ratios"] = {k: (mine / _median(v) if v else None) for k, v in ref.items()}
 
 
 # --------------------------------------------------------------------------- targets
 
+Target = dict[str, Any]  # target, value, worst, ok[, note]
 
-def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+
+def _limit_target(rows: list[dict[str, Any]]) -> Target | None:
+    vals = []
+    for r in rows:
+        if r["method"] == "lensfeed" and r["batch_bytes"] >= 512 * KiB:
+            ratio = r["ratios"]["limit"]
+            shuf = "shuffled" if r["shuffle"] else "sequential"
+            same = r["ratios"].get("limit@msg")
+            msg = r.get("samples_per_message", 64) // 64
+            extra = f" ({same:.2f}x limit@msg, {msg} batches/msg)" if msg > 1 and same else ""
+            vals.append((ratio, f"{r['case']} {shuf} {ratio:.2f}x{extra}"))
+    if not vals:
+        return None
+    worst = min(v for v, _ in vals)
+    return {
+        "target": ">= 0.8x the raw-ZeroMQ limit for batch messages >= 512 KiB",
+        "value": "; ".join(t for _, t in vals),
+        "worst": worst,
+        "ok": worst >= 0.8,
+    }
+
+
+def _rate_target(rows: list[dict[str, Any]]) -> Target | None:
+    feed = find_row(rows, "tok128", "lensfeed", True)
+    if not feed:
+        return None
+    return {
+        "target": ">= 1,000,000 samples/s end-to-end, shuffled (64, 128) int32 tokens",
+        "value": f"{_median(feed):,.0f} samples/s",
+        "worst": _median(feed),
+        "ok": _median(feed) >= 1e6,
+    }
+
+
+def _stall_target(stall: dict[str, Any]) -> Target | None:
+    r = next((r for r in stall["rows"] if r["key"] == "ahead"), None)
+    if not r:
+        return None
+    b, g, share = r["boundary_s"], r["regen_s"]["median"], r["boundary_over_regen"]["median"]
+    return {
+        "target": "cycle-boundary wait <= 5% of one cycle's regeneration time (prepare_ahead)",
+        "value": f"median {b['median'] * 1e3:.1f} ms (max {b['max'] * 1e3:.1f} ms) = "
+        f"{share:.1%} of a {g * 1e3:.0f} ms regeneration",
+        "worst": share,
+        "ok": share <= 0.05,
+    }
+
+
+def _memory_target(mem: dict[str, Any]) -> Target:
+    c, sides = mem["checks"], ("producer", "trainer")
+
+    def growth(s: str, metric: str, limit: bool = False) -> str:
+        x = c[f"{s}.{metric}"]
+        text = f"{s} {fmt_bytes(x['small'])} -> {fmt_bytes(x['large'])}"
+        return f"{text} (limit {fmt_bytes(x['limit_bytes'])})" if limit else text
+
+    hwm = "; ".join(growth(s, "peak_rss_bytes", limit=True) for s in sides)
+    anon_ok = all(c[f"{s}.peak_anon_bytes"]["ok"] for s in sides)
+    small, large = mem["small"]["samples_per_cycle"], mem["large"]["samples_per_cycle"]
+    return {
+        "target": f"peak RSS at S={large:,} within 10% (+ the index permutation, "
+        f"{fmt_bytes(mem['permutation_bytes'])}) of S={small:,}",
+        "value": f"VmHWM: {hwm}",
+        "worst": max(c[f"{s}.peak_rss_bytes"]["ratio"] for s in sides),
+        "ok": all(c[f"{s}.peak_rss_bytes"]["ok"] for s in sides),
+        "note": "both runs serve the same samples (the small S over many cycles), so they map "
+        "the same dataset pages; private memory (peak RssAnon): "
+        + "; ".join(growth(s, "peak_anon_bytes") for s in sides)
+        + (": within" if anon_ok else ": NOT within")
+        + " the same limit",
+    }
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[Target]:
+    """The issue's four targets, for whichever sections ran."""
     rows = results.get("throughput", [])
-    out: list[dict[str, Any]] = []
-
-    def limit_check(method: str) -> tuple[bool, str, float] | None:
-        vals = []
-        for r in rows:
-            if r["method"] == method and r["batch_bytes"] >= 512 * KiB:
-                ratio = r["ratios"]["limit"]
-                shuf = "shuffled" if r["shuffle"] else "sequential"
-                same = r["ratios"].get("limit@msg")
-                msg = r.get("samples_per_message", 64) // 64
-                extra = f" ({same:.2f}x limit@msg, {msg} batches/msg)" if msg > 1 and same else ""
-                vals.append((ratio, f"{r['case']} {shuf} {ratio:.2f}x{extra}"))
-        if not vals:
-            return None
-        worst = min(v for v, _ in vals)
-        return worst >= 0.8, "; ".join(t for _, t in vals), worst
-
-    if rows:
-        chk = limit_check("lensfeed")
-        proto = limit_check("lensfeed+proto")
-        if chk:
-            out.append(
-                {
-                    "target": ">= 0.8x the raw-ZeroMQ limit for batch messages >= 512 KiB",
-                    "value": chk[1],
-                    "worst": chk[2],
-                    "ok": chk[0],
-                    "prototypes": proto[1] if proto else None,
-                    "prototypes_ok": proto[0] if proto else None,
-                }
-            )
-        feed = _find(rows, "tok128", "lensfeed", True)
-        pfeed = _find(rows, "tok128", "lensfeed+proto", True)
-        if feed:
-            out.append(
-                {
-                    "target": ">= 1,000,000 samples/s end-to-end, shuffled (64, 128) int32 tokens",
-                    "value": f"{_median(feed):,.0f} samples/s",
-                    "worst": _median(feed),
-                    "ok": _median(feed) >= 1e6,
-                    "prototypes": f"{_median(pfeed):,.0f} samples/s" if pfeed else None,
-                    "prototypes_ok": _median(pfeed) >= 1e6 if pfeed else None,
-                }
-            )
-    stall = results.get("stall")
-    if stall:
-        by = {r["key"]: r for r in stall["rows"]}
-
-        def stall_value(r: dict[str, Any]) -> str:
-            b, g = r["boundary_s"], r["regen_s"]["median"]
-            return (
-                f"median {b['median'] * 1e3:.1f} ms (max {b['max'] * 1e3:.1f} ms) = "
-                f"{r['boundary_over_regen']['median']:.1%} of a {g * 1e3:.0f} ms regeneration"
-            )
-
-        a, p = by.get("ahead"), by.get("ahead+proto")
-        if a:
-            out.append(
-                {
-                    "target": "cycle-boundary wait <= 5% of one cycle's regeneration time "
-                    "(prepare_ahead)",
-                    "value": stall_value(a),
-                    "worst": a["boundary_over_regen"]["median"],
-                    "ok": a["boundary_over_regen"]["median"] <= 0.05,
-                    "prototypes": stall_value(p) if p else None,
-                    "prototypes_ok": p["boundary_over_regen"]["median"] <= 0.05 if p else None,
-                }
-            )
-    mem = results.get("memory")
-    if mem:
-        c = mem["checks"]
-        parts, ok = [], True
-        for side in ("producer", "trainer"):
-            x = c[f"{side}.peak_rss_bytes"]
-            parts.append(
-                f"{side} {fmt_bytes(x['small'])} -> {fmt_bytes(x['large'])} "
-                f"(limit {fmt_bytes(x['limit_bytes'])})"
-            )
-            ok = ok and x["ok"]
-        anon_ok = all(c[f"{s}.peak_anon_bytes"]["ok"] for s in ("producer", "trainer"))
-        anon = "; ".join(
-            f"{s} {fmt_bytes(c[f'{s}.peak_anon_bytes']['small'])} -> "
-            f"{fmt_bytes(c[f'{s}.peak_anon_bytes']['large'])}"
-            for s in ("producer", "trainer")
-        )
-        small, large = mem["small"]["samples_per_cycle"], mem["large"]["samples_per_cycle"]
-        out.append(
-            {
-                "target": f"peak RSS at S={large:,} within 10% (+ the index permutation, "
-                f"{fmt_bytes(mem['permutation_bytes'])}) of S={small:,}",
-                "value": "VmHWM: " + "; ".join(parts),
-                "worst": max(c[f"{s}.peak_rss_bytes"]["ratio"] for s in ("producer", "trainer")),
-                "ok": ok,
-                "prototypes": None,
-                "prototypes_ok": None,
-                "note": "both runs serve the same samples (the small S over many cycles), so "
-                "they map the same dataset pages; private memory (peak RssAnon): "
-                f"{anon}: " + ("within" if anon_ok else "NOT within") + " the same limit",
-            }
-        )
-    return out
+    found = [
+        _limit_target(rows),
+        _rate_target(rows),
+        _stall_target(results["stall"]) if results.get("stall") else None,
+        _memory_target(results["memory"]) if results.get("memory") else None,
+    ]
+    return [t for t in found if t]
 
 
 # --------------------------------------------------------------------------- markdown
@@ -228,162 +211,172 @@ def _thread_table(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _targets_md(targets: list[Target]) -> list[str]:
+    lines = ["", "#### Targets", "", "| target | measured | pass | note |", "|---|---|---|---|"]
+    for t in targets:
+        ok = "**PASS**" if t["ok"] else "**FAIL**"
+        lines.append(f"| {t['target']} | {t['value']} | {ok} | {t.get('note', '')} |")
+    return lines
+
+
+def _throughput_md(rows: list[dict[str, Any]], repeats: int) -> list[str]:
+    lines = [
+        "",
+        "#### Throughput",
+        "",
+        f"Median of {repeats} repeats [min–max]. GB/s counts wire payload (tensor frames incl. "
+        "`sample_idx`), identical for every method of a case, so GB/s ratios equal samples/s "
+        "ratios. `limit` sends one batch per message; `limit@msg` sends messages of the size "
+        "lensfeed packs for that batch (`feed.batches_per_message` auto), so `x limit@msg` "
+        "compares like with like.",
+        "",
+        "| payload | order | method | samples/s | GB/s | x limit | x limit@msg "
+        "| x limit+malloc | x original | x DL w0 | x DL w2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    case_order = {c.key: i for i, c in enumerate(CASES)}
+
+    def key(r: dict[str, Any]) -> tuple[int, int, int]:
+        shuf = 0 if r["shuffle"] is None else (1 if r["shuffle"] else 2)
+        return case_order[r["case"]], shuf, order.get(r["method"], 99)
+
+    for r in sorted(rows, key=key):
+        shuffle = "–" if r["shuffle"] is None else ("shuffled" if r["shuffle"] else "seq")
+        rt = r["ratios"]
+        lines.append(
+            f"| {r['label']} ({fmt_bytes(r['batch_bytes'])}/batch) | {shuffle} | "
+            f"{r['method']} | {_rate_spread(r['samples_per_s'])} | "
+            f"{_spread(r['gb_per_s'], fmt='{:.3f}')} | {_ratio(rt['limit'])} | "
+            f"{_ratio(rt.get('limit@msg'))} | {_ratio(rt['limit+malloc'])} | "
+            f"{_ratio(rt['original'])} | {_ratio(rt['DL w0'])} | {_ratio(rt['DL w2'])} |"
+        )
+    return lines
+
+
+def _stall_md(stall: dict[str, Any]) -> list[str]:
+    p = stall["params"]
+    lines = [
+        "",
+        "#### Cycle-boundary stall",
+        "",
+        f"{p['cycles']} cycles x {p['batches_per_cycle']} batches of {p['batch_size']}; "
+        f"regeneration transform {p['regen_s_per_batch'] * 1e3:.1f} ms/batch, training step "
+        f"{p['step_s_per_batch'] * 1e3:.1f} ms/batch (both sleep). Boundary = end of the last "
+        "step of a cycle -> first batch of the next in the loop (cycles 1..; cycle 0 is the cold "
+        "start). Feed wait = the part spent waiting on the producer; the rest is the client's "
+        f"cycle-end cleanup. Ideal pipelined wall time: {stall['ideal_wall_s']:.2f} s.",
+        "",
+        "| variant | cold start ms | boundary ms | feed wait ms | regen/cycle ms "
+        "| boundary / regen | in-cycle wait ms | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in stall["rows"]:
+        lines.append(
+            f"| {r['name']} | {r['first_batch_s'] * 1e3:.1f} | "
+            f"{_spread(r['boundary_s'], 1e3, '{:.1f}')} | "
+            f"{_spread(r['boundary_feed_wait_s'], 1e3, '{:.1f}')} | "
+            f"{_spread(r['regen_s'], 1e3, '{:.0f}')} | "
+            f"{r['boundary_over_regen']['median']:.1%} | "
+            f"{_spread(r['wait_in_cycle_s'], 1e3, '{:.1f}')} | {r['wall_s']:.2f} |"
+        )
+    return lines
+
+
+def _memory_md(mem: dict[str, Any]) -> list[str]:
+    small, large = mem["small"], mem["large"]
+    lines = [
+        "",
+        "#### Memory",
+        "",
+        f"Shuffled (64, 128) tokens; S = samples per cycle. S={small['samples_per_cycle']:,}: "
+        f"{small['batches_consumed']} batches consumed; S={large['samples_per_cycle']:,}: "
+        f"{large['batches_consumed']} batches: the same samples, so both runs touch the same "
+        "shard rows. VmHWM includes memory-mapped dataset pages (shared, clean page cache: it "
+        "grows with the distinct rows touched, up to the shard's size, whatever S is); RssAnon "
+        "is private memory (sampled peak). One cycle's permutation at the large S: "
+        f"{fmt_bytes(mem['permutation_bytes'])}.",
+        "",
+        "| process | metric | small S | large S | growth | limit (1.1x + perm) | ok |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k, c in mem["checks"].items():
+        side, metric = k.split(".")
+        name = "peak RSS (VmHWM)" if metric == "peak_rss_bytes" else "peak RssAnon"
+        lines.append(
+            f"| {side} | {name} | {fmt_bytes(c['small'])} | {fmt_bytes(c['large'])} | "
+            f"{fmt_bytes(c['growth_bytes'])} | {fmt_bytes(c['limit_bytes'])} | "
+            f"{'yes' if c['ok'] else 'no'} |"
+        )
+    sizes = ", ".join(
+        f"S={x['samples']:,}: {fmt_bytes(x['peak_rss_bytes'])}" for x in mem["original"]
+    )
+    return [
+        *lines,
+        "",
+        f"Original (Python list cache, one process): {sizes}; "
+        f"{mem['original_bytes_per_sample']:,.0f} B/sample -> extrapolated "
+        f"{fmt_bytes(mem['original_extrapolated_large_bytes'])} at "
+        f"S={large['samples_per_cycle']:,}.",
+    ]
+
+
+def _profile_md(prof: dict[str, Any]) -> list[str]:
+    if not prof.get("profiler"):
+        lines = ["", "#### Profile hot spots", "", "Not measured: " + NO_PROFILER + "."]
+    else:
+        lines = ["", f"#### Profile hot spots ({prof['profiler']}, % of on-CPU samples)", ""]
+    for run in prof.get("runs", []):
+        for side, top in run.get("top", {}).items():
+            hot = ", ".join(f"{name} {pct:.0f}%" for name, pct in top[:5])
+            lines.append(f"- **{run['name']} / {side}** (`{run['files'][side]}`): {hot}")
+    return lines + (_thread_table(prof["threads"]) if prof.get("threads") else [])
+
+
+def _gpu_md(gpu: dict[str, Any]) -> list[str]:
+    if not gpu.get("available"):
+        return ["", "#### GPU", "", f"{gpu['note']}."]
+    lines = [
+        "",
+        "#### GPU",
+        "",
+        f"Device: {gpu['device']}.",
+        "",
+        "| payload | FeedClient(device='cuda') GB/s | pinned copy_ GB/s | ratio |",
+        "|---|---|---|---|",
+    ]
+    for r in gpu["rows"]:
+        ratio = r["feed_gb_per_s"]["median"] / r["pinned_copy_gb_per_s"]["median"]
+        lines.append(
+            f"| {r['label']} | {_spread(r['feed_gb_per_s'])} | "
+            f"{_spread(r['pinned_copy_gb_per_s'])} | {ratio:.2f}x |"
+        )
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
+    """The report: machine, targets, then one table per section that ran."""
     s = results["settings"]
     lines = [
         f"### Results ({s['mode']} run, {results['elapsed_s']:.0f} s)",
         "",
         *_machine_md(results["machine"]),
-        "",
-        "#### Targets",
-        "",
+        *_targets_md(results["targets"]),
     ]
-    protos = any(t.get("prototypes") for t in results["targets"])
-    lines += (
-        ["| target | measured | pass | with prototypes | note |", "|---|---|---|---|---|"]
-        if protos
-        else ["| target | measured | pass | note |", "|---|---|---|---|"]
-    )
-    for t in results["targets"]:
-        proto = "–"
-        if t.get("prototypes"):
-            proto = f"{t['prototypes']} ({'pass' if t['prototypes_ok'] else 'fail'})"
-        lines.append(
-            f"| {t['target']} | {t['value']} | {'**PASS**' if t['ok'] else '**FAIL**'} | "
-            + (f"{proto} | " if protos else "")
-            + f"{t.get('note', '')} |"
-        )
-    rows = results.get("throughput", [])
-    if rows:
-        lines += [
-            "",
-            "#### Throughput",
-            "",
-            f"Median of {s['repeats']} repeats [min–max]. GB/s counts wire payload (tensor "
-            "frames incl. `sample_idx`), identical for every method of a case, so GB/s ratios "
-            "equal samples/s ratios. `limit` sends one batch per message; `limit@msg` sends "
-            "messages of the size lensfeed packs for that batch (`feed.batches_per_message` "
-            "auto), so `x limit@msg` compares like with like. `lensfeed+proto` (when present) "
-            "= lensfeed with the prototype changes of `benchmarks/patches.py`.",
-            "",
-            "| payload | order | method | samples/s | GB/s | x limit | x limit@msg "
-            "| x limit+malloc | x original | x DL w0 | x DL w2 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        order = {m: i for i, m in enumerate(METHOD_ORDER)}
-        case_order = {c.key: i for i, c in enumerate(CASES)}
-
-        def key(r: dict[str, Any]) -> tuple[int, int, int]:
-            shuf = 0 if r["shuffle"] is None else (1 if r["shuffle"] else 2)
-            return case_order[r["case"]], shuf, order.get(r["method"], 99)
-
-        for r in sorted(rows, key=key):
-            shuffle = "–" if r["shuffle"] is None else ("shuffled" if r["shuffle"] else "seq")
-            rt = r["ratios"]
-            lines.append(
-                f"| {r['label']} ({fmt_bytes(r['batch_bytes'])}/batch) | {shuffle} | "
-                f"{r['method']} | {_rate_spread(r['samples_per_s'])} | "
-                f"{_spread(r['gb_per_s'], fmt='{:.3f}')} | {_ratio(rt['limit'])} | "
-                f"{_ratio(rt.get('limit@msg'))} | "
-                f"{_ratio(rt['limit+malloc'])} | {_ratio(rt['original'])} | "
-                f"{_ratio(rt['DL w0'])} | {_ratio(rt['DL w2'])} |"
-            )
-    stall = results.get("stall")
-    if stall:
-        p = stall["params"]
-        lines += [
-            "",
-            "#### Cycle-boundary stall",
-            "",
-            f"{p['cycles']} cycles x {p['batches_per_cycle']} batches of {p['batch_size']}; "
-            f"regeneration transform {p['regen_s_per_batch'] * 1e3:.1f} ms/batch, training step "
-            f"{p['step_s_per_batch'] * 1e3:.1f} ms/batch (both sleep). Boundary = end of the "
-            "last step of a cycle -> first batch of the next in the loop (cycles 1..; cycle 0 is "
-            "the cold start). Feed wait = the part spent waiting on the producer; the rest is "
-            "the client's cycle-end cleanup. Ideal pipelined wall time: "
-            f"{stall['ideal_wall_s']:.2f} s.",
-            "",
-            "| variant | cold start ms | boundary ms | feed wait ms | regen/cycle ms "
-            "| boundary / regen | in-cycle wait ms | wall s |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in stall["rows"]:
-            lines.append(
-                f"| {r['name']} | {r['first_batch_s'] * 1e3:.1f} | "
-                f"{_spread(r['boundary_s'], 1e3, '{:.1f}')} | "
-                f"{_spread(r['boundary_feed_wait_s'], 1e3, '{:.1f}')} | "
-                f"{_spread(r['regen_s'], 1e3, '{:.0f}')} | "
-                f"{r['boundary_over_regen']['median']:.1%} | "
-                f"{_spread(r['wait_in_cycle_s'], 1e3, '{:.1f}')} | {r['wall_s']:.2f} |"
-            )
-    mem = results.get("memory")
-    if mem:
-        small, large = mem["small"], mem["large"]
-        lines += [
-            "",
-            "#### Memory",
-            "",
-            f"Shuffled (64, 128) tokens; S = samples per cycle. S={small['samples_per_cycle']:,}:"
-            f" {small['batches_consumed']} batches consumed; S={large['samples_per_cycle']:,}: "
-            f"{large['batches_consumed']} batches: the same samples, so both runs touch the same "
-            "shard rows. VmHWM includes memory-mapped dataset pages (shared, clean page cache: "
-            "it grows with the distinct rows touched, up to the shard's size, whatever S is); "
-            "RssAnon is private memory (sampled peak). One cycle's permutation at the large S: "
-            f"{fmt_bytes(mem['permutation_bytes'])}.",
-            "",
-            "| process | metric | small S | large S | growth | limit (1.1x + perm) | ok |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for k, c in mem["checks"].items():
-            side, metric = k.split(".")
-            name = "peak RSS (VmHWM)" if metric == "peak_rss_bytes" else "peak RssAnon"
-            lines.append(
-                f"| {side} | {name} | {fmt_bytes(c['small'])} | {fmt_bytes(c['large'])} | "
-                f"{fmt_bytes(c['growth_bytes'])} | {fmt_bytes(c['limit_bytes'])} | "
-                f"{'yes' if c['ok'] else 'no'} |"
-            )
-        o = mem["original"]
-        lines += [
-            "",
-            "Original (Python list cache, one process): "
-            + ", ".join(f"S={x['samples']:,}: {fmt_bytes(x['peak_rss_bytes'])}" for x in o)
-            + f"; {mem['original_bytes_per_sample']:,.0f} B/sample -> extrapolated "
-            f"{fmt_bytes(mem['original_extrapolated_large_bytes'])} at "
-            f"S={large['samples_per_cycle']:,}.",
-        ]
-    prof = results.get("profile")
-    if prof and prof.get("runs"):
-        lines += ["", f"#### Profile hot spots ({prof['profiler']}, % of on-CPU samples)", ""]
-        for run in prof["runs"]:
-            for side, top in run.get("top", {}).items():
-                hot = ", ".join(f"{name} {pct:.0f}%" for name, pct in top[:5])
-                lines.append(f"- **{run['name']} / {side}** (`{run['files'][side]}`): {hot}")
-    if prof and prof.get("threads"):
-        lines += _thread_table(prof["threads"])
-    gpu = results.get("gpu")
-    if gpu is not None:
-        lines += ["", "#### GPU", ""]
-        if not gpu.get("available"):
-            lines.append(f"{gpu['note']}.")
-        else:
-            lines += [
-                f"Device: {gpu['device']}.",
-                "",
-                "| payload | FeedClient(device='cuda') GB/s | pinned copy_ GB/s | ratio |",
-                "|---|---|---|---|",
-            ]
-            for r in gpu["rows"]:
-                ratio = r["feed_gb_per_s"]["median"] / r["pinned_copy_gb_per_s"]["median"]
-                lines.append(
-                    f"| {r['label']} | {_spread(r['feed_gb_per_s'])} | "
-                    f"{_spread(r['pinned_copy_gb_per_s'])} | {ratio:.2f}x |"
-                )
-    lines += [
-        "",
-        "Section times: "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in results["section_s"].items())
-        + ".",
-    ]
+    if results.get("throughput"):
+        lines += _throughput_md(results["throughput"], s["repeats"])
+    if results.get("stall"):
+        lines += _stall_md(results["stall"])
+    if results.get("memory"):
+        lines += _memory_md(results["memory"])
+    if results.get("profile"):
+        lines += _profile_md(results["profile"])
+    if results.get("gpu") is not None:
+        lines += _gpu_md(results["gpu"])
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in results["section_s"].items())
+    lines += ["", f"Section times: {times}."]
+    for section, error in results.get("errors", {}).items():
+        lines += ["", f"**{section} failed:** `{error}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -398,83 +391,12 @@ def update_readme(readme: Path, md: str) -> None:
     readme.write_text(pattern.sub(lambda _: f"{README_START}\n{md}{README_END}", text))
 
 
-# --------------------------------------------------------------------------- plot
-
-
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results.get("throughput", [])
-    stall = results.get("stall")
-    mem = results.get("memory")
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5), gridspec_kw={"width_ratios": [3, 1.3, 1.3]})
-    ax = axes[0]
-    groups: list[tuple[str, bool | None]] = []
-    for c in CASES:
-        for shuf in (True, False):
-            if any(r["case"] == c.key and r["shuffle"] == shuf for r in rows):
-                groups.append((c.key, shuf))
-    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
-    width = 0.8 / max(1, len(methods))
-    for i, m in enumerate(methods):
-        xs, ys, lo, hi = [], [], [], []
-        for g, (case, shuf) in enumerate(groups):
-            r = _find(rows, case, m, shuf)
-            if r is None:
-                continue
-            gb = r["gb_per_s"]
-            xs.append(g + (i - (len(methods) - 1) / 2) * width)
-            ys.append(gb["median"])
-            lo.append(gb["median"] - gb["min"])
-            hi.append(gb["max"] - gb["median"])
-        ax.bar(xs, ys, width, yerr=[lo, hi], label=m, capsize=2)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{c}\n{'shuffled' if s else 'seq'}" for c, s in groups], fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("GB/s of payload (log)")
-    ax.set_title("Throughput: median, min-max bars")
-    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.13))
-    ax.grid(axis="y", alpha=0.3, which="both")
-    ax = axes[1]
-    if stall:
-        names = [r["key"] for r in stall["rows"]]
-        vals = [max(r["boundary_s"]["median"] * 1e3, 1e-2) for r in stall["rows"]]
-        regen = [r["regen_s"]["median"] * 1e3 for r in stall["rows"]]
-        ax.bar(names, vals, color="tab:red", label="boundary wait (median)")
-        ax.plot(names, [0.05 * g for g in regen], "k_", markersize=20, label="5% of regen")
-        ax.set_yscale("log")
-        ax.set_ylabel("ms (log)")
-        ax.set_title("Wait at a cycle boundary")
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-        ax.legend(fontsize=8)
-    ax = axes[2]
-    if mem:
-        labels, small, large = [], [], []
-        for k, c in mem["checks"].items():
-            side, metric = k.split(".")
-            labels.append(f"{side}\n{'VmHWM' if metric == 'peak_rss_bytes' else 'anon'}")
-            small.append(c["small"] / MiB)
-            large.append(c["large"] / MiB)
-        x = range(len(labels))
-        ax.bar([i - 0.2 for i in x], small, 0.4, label=f"S={mem['small']['samples_per_cycle']:,}")
-        ax.bar([i + 0.2 for i in x], large, 0.4, label=f"S={mem['large']['samples_per_cycle']:,}")
-        ax.set_xticks(list(x))
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.set_ylabel("MiB")
-        ax.set_title("Peak memory")
-        ax.legend(fontsize=8)
-    m = results["machine"]
-    fig.suptitle(
-        f"lensfeed benchmarks ({results['settings']['mode']}): {m['cpu']}, {m['cores']} cores, "
-        f"torch {m['torch']}, libzmq {m['libzmq']}",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-__all__ = ["add_ratios", "evaluate_targets", "markdown", "plot", "update_readme"]
+__all__ = [
+    "METHOD_ORDER",
+    "NO_PROFILER",
+    "add_ratios",
+    "evaluate_targets",
+    "find_row",
+    "markdown",
+    "update_readme",
+]

@@ -1,4 +1,4 @@
-"""What the suite measures (payload cases) and how much of it (quick vs full settings)."""
+"""What the suite measures (payload cases) and how much of it (full, quick and smoke sizes)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ CASES: tuple[Case, ...] = (
 
 #: Benchmark datasets: name -> (rows, seq_len). ~100 MiB and ~128 MiB of int32 tokens.
 DATASETS: dict[str, tuple[int, int]] = {"tok128": (200_000, 128), "tok2048": (16_384, 2048)}
+ALL_CASES = tuple(c.key for c in CASES)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,9 @@ class Settings:
     max_batches: int
     original_samples: dict[str, int] = field(default_factory=dict)
     dataloader_samples: dict[str, int] = field(default_factory=dict)
-    prototypes: bool = True  # also measure the prototype changes of benchmarks.patches
+    cases: tuple[str, ...] = ALL_CASES  # keys of CASES to measure
+    orders: tuple[bool, ...] = (True, False)  # shuffled, sequential
+    tuned_limit: bool = True  # also the limit with glibc's mmap threshold lifted (limit+malloc)
     stall_cycles: int = 6
     stall_batches: int = 64  # batches per cycle in the stall section
     stall_regen_s: float = 0.002  # fixed transform cost per batch
@@ -76,10 +79,15 @@ class Settings:
     original_memory_samples: tuple[int, ...] = (10_000, 100_000)
     profile: bool = True
     budget_s: float = 600.0
+    datasets: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DATASETS))
 
     def batches_per_cycle(self, case: Case) -> int:
         n = self.cycle_bytes // case.batch_bytes
         return int(min(self.max_batches, max(self.min_batches, n)))
+
+    def selected(self) -> tuple[Case, ...]:
+        """The cases this run measures, in report order."""
+        return tuple(c for c in CASES if c.key in self.cases)
 
 
 FULL = Settings(
@@ -100,11 +108,31 @@ QUICK = Settings(
     max_batches=768,
     original_samples={"tok128": 4_096, "tok2048": 512},
     dataloader_samples={"tok128": 2_048, "tok2048": 1_024},
-    prototypes=False,
+    tuned_limit=False,
     stall_cycles=4,
     original_memory_samples=(10_000, 30_000),
     profile=False,
     budget_s=120.0,
 )
 
-__all__ = ["BATCH", "CASES", "DATASETS", "FULL", "QUICK", "Case", "Settings"]
+#: Every section's code path at toy sizes, for the test suite (tests/test_benchmarks.py): one
+#: token case (limit@msg, the baselines) and one transform case, shuffled, on a small dataset.
+SMOKE = Settings(
+    mode="smoke",
+    repeats=2,
+    cycle_bytes=2 * MiB,
+    min_batches=4,
+    max_batches=64,
+    original_samples={"tok128": 512},
+    dataloader_samples={"tok128": 256},
+    cases=("tok128", "act4"),
+    orders=(True,),
+    stall_cycles=2,
+    stall_batches=8,
+    memory_samples=(640, 6_400),
+    original_memory_samples=(1_000, 3_000),
+    budget_s=90.0,
+    datasets={"tok128": (8_192, 128)},
+)
+
+__all__ = ["BATCH", "CASES", "DATASETS", "FULL", "QUICK", "SMOKE", "Case", "Settings"]

@@ -20,43 +20,26 @@ from typing import Any
 from benchmarks import baselines
 from benchmarks.common import Workdir, summarize
 from benchmarks.feed import run_feed
-from benchmarks.patches import pending
 from benchmarks.settings import BATCH, Settings
 
-
-def _variants(settings: Settings) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [
-        {
-            "name": "lensfeed prepare_ahead (max_ahead_batches=64)",
-            "key": "ahead",
-            "overrides": ["feed.prepare_ahead=true", "feed.max_ahead_batches=64"],
-            "patches": [],
-        },
-        {
-            "name": "lensfeed prepare_ahead (max_ahead_batches=16)",
-            "key": "ahead16",
-            "overrides": ["feed.prepare_ahead=true", "feed.max_ahead_batches=16"],
-            "patches": [],
-        },
-        {
-            "name": "lensfeed without prepare_ahead",
-            "key": "no-ahead",
-            "overrides": ["feed.prepare_ahead=false", "feed.max_ahead_batches=64"],
-            "patches": [],
-        },
-    ]
-    if settings.prototypes and pending("trainer"):
-        out.append(
-            {
-                "name": "lensfeed prepare_ahead + prototypes ("
-                + ", ".join(pending("trainer"))
-                + ")",
-                "key": "ahead+proto",
-                "overrides": ["feed.prepare_ahead=true", "feed.max_ahead_batches=64"],
-                "patches": list(pending("trainer")),
-            }
-        )
-    return out
+#: (key, name, overrides): prepare_ahead with a large and a small bound, and without it.
+VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "ahead",
+        "lensfeed prepare_ahead (max_ahead_batches=64)",
+        ("feed.prepare_ahead=true", "feed.max_ahead_batches=64"),
+    ),
+    (
+        "ahead16",
+        "lensfeed prepare_ahead (max_ahead_batches=16)",
+        ("feed.prepare_ahead=true", "feed.max_ahead_batches=16"),
+    ),
+    (
+        "no-ahead",
+        "lensfeed without prepare_ahead",
+        ("feed.prepare_ahead=false", "feed.max_ahead_batches=64"),
+    ),
+)
 
 
 def run(
@@ -78,19 +61,18 @@ def run(
         "shuffle": True,
     }
     rows: list[dict[str, Any]] = []
-    for v in _variants(settings):
-        progress(f"stall {v['key']}")
+    for key, name, overrides in VARIANTS:
+        progress(f"stall {key}")
         res = run_feed(
             work,
-            f"stall-{v['key']}",
+            f"stall-{key}",
             dataset=data["tok128"],
             cycle_batches=n,
             cycles=cycles,
             warmup=0,
             transform=f"cost:{settings.stall_regen_s}:sleep",
-            extra_overrides=v["overrides"],
+            extra_overrides=overrides,
             consumer_args=["--step-s", str(settings.stall_step_s)],
-            consumer_patches=v["patches"],
         )
         cyc = res.consumer["cycles"]
         later = cyc[1:]  # cycle 0's start is the cold start, reported apart
@@ -98,8 +80,8 @@ def run(
         regen = [c["regen_s"] for c in cyc]
         rows.append(
             {
-                "name": v["name"],
-                "key": v["key"],
+                "name": name,
+                "key": key,
                 "first_batch_s": cyc[0]["boundary_s"],
                 "boundary_s": summarize(boundary),
                 "boundary_feed_wait_s": summarize([c["boundary_feed_wait_s"] for c in later]),
@@ -109,7 +91,6 @@ def run(
                 ),
                 "wait_in_cycle_s": summarize([c["in_cycle_wait_s"] for c in later]),
                 "wall_s": res.consumer["wall_s"],
-                "patches": v["patches"],
             }
         )
     progress("stall original")
@@ -133,7 +114,6 @@ def run(
             "boundary_over_regen": summarize([1.0 for _ in oc[1:]]),
             "wait_in_cycle_s": summarize([0.0 for _ in oc[1:]]),
             "wall_s": orig["wall_s"],
-            "patches": [],
         }
     )
     ideal = cycles * n * max(settings.stall_regen_s, settings.stall_step_s)

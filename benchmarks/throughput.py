@@ -12,8 +12,7 @@ from typing import Any
 from benchmarks import baselines
 from benchmarks.common import GB, Proc, Workdir, py, read_report, summarize
 from benchmarks.feed import FeedResult, run_feed
-from benchmarks.patches import pending
-from benchmarks.settings import BATCH, CASES, Case, Settings
+from benchmarks.settings import BATCH, Case, Settings
 from lensfeed.producer.ahead import Ready
 from lensfeed.producer.packing import AUTO_MAX_BATCHES, Packer
 
@@ -49,7 +48,7 @@ def measure_limit(
     work: Workdir, case: Case, settings: Settings, *, tuned: bool = False, pack: int = 1
 ) -> dict[str, Any]:
     """Raw pyzmq PUSH -> PULL of ``pack * case.batch_bytes`` messages, one round per repeat
-    (``tuned``: the receiver keeps large blocks in the heap, see ``patches.tune_malloc``;
+    (``tuned``: the receiver keeps large blocks in the heap, as ``feed.tune_malloc`` does;
     ``pack`` > 1: the limit at the message size lensfeed actually sends, ``limit@msg``)."""
     count = max(1, settings.batches_per_cycle(case) // pack)
     method = "limit+malloc" if tuned else ("limit@msg" if pack > 1 else "limit")
@@ -89,7 +88,6 @@ def steady_feed(
     data: dict[str, Path],
     *,
     shuffle: bool,
-    prototype: bool = False,
     profile: bool = False,
     thread_cpu: bool = False,
 ) -> tuple[FeedResult, list[float], int]:
@@ -111,8 +109,6 @@ def steady_feed(
         shuffle=shuffle,
         transform=case.transform,
         consumer_args=["--block", str(n)],
-        producer_patches=pending("producer") if prototype else (),
-        consumer_patches=pending("trainer") if prototype else (),
         profile=profile,
         thread_cpu=thread_cpu,
     )
@@ -130,17 +126,13 @@ def measure_lensfeed(
     data: dict[str, Path],
     *,
     shuffle: bool,
-    prototype: bool = False,
 ) -> dict[str, Any]:
-    method = "lensfeed+proto" if prototype else "lensfeed"
-    name = f"{method.replace('+', '-')}-{case.key}-{'shuf' if shuffle else 'seq'}"
-    res, rates, n = steady_feed(
-        work, name, case, settings, data, shuffle=shuffle, prototype=prototype
-    )
+    name = f"lensfeed-{case.key}-{'shuf' if shuffle else 'seq'}"
+    res, rates, n = steady_feed(work, name, case, settings, data, shuffle=shuffle)
     timed = res.timed_cycles()[0]
     return _row(
         case,
-        method,
+        "lensfeed",
         shuffle,
         rates,
         batches_per_repeat=n,
@@ -151,7 +143,6 @@ def measure_lensfeed(
         consumer_wait_s=timed["wait_s"],
         producer_cpu_s=res.producer["cpu_user_s"] + res.producer["cpu_sys_s"],
         consumer_cpu_s=res.consumer["cpu_user_s"] + res.consumer["cpu_sys_s"],
-        patches=[*pending("producer"), *pending("trainer")] if prototype else [],
     )
 
 
@@ -205,9 +196,7 @@ def run(
     progress: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    # Prototype rows only while benchmarks.patches holds changes lensfeed lacks.
-    protos = settings.prototypes and bool(pending("producer") or pending("trainer"))
-    for case in CASES:
+    for case in settings.selected():
         progress(f"limit {case.key}")
         limit = measure_limit(work, case, settings)
         rows.append(limit)
@@ -215,18 +204,13 @@ def run(
         if pack > 1:
             progress(f"limit@msg {case.key} ({pack} batches per message)")
             rows.append(measure_limit(work, case, settings, pack=pack))
-        if settings.prototypes:
+        if settings.tuned_limit:
             progress(f"limit+malloc {case.key}")
             rows.append(measure_limit(work, case, settings, tuned=True))
-        for shuffle in (True, False):
+        for shuffle in settings.orders:
             s = "shuffled" if shuffle else "sequential"
             progress(f"lensfeed {case.key} {s}")
             rows.append(measure_lensfeed(work, case, settings, data, shuffle=shuffle))
-            if protos:
-                progress(f"lensfeed+prototypes {case.key} {s}")
-                rows.append(
-                    measure_lensfeed(work, case, settings, data, shuffle=shuffle, prototype=True)
-                )
             if case.tokens:
                 progress(f"original {case.key} {s}")
                 rows.append(measure_original(case, settings, data, shuffle=shuffle))

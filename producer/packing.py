@@ -18,7 +18,7 @@ from lensfeed.producer.source import Batch
 
 #: With ``feed.batches_per_message: 0``, batches are packed up to about this many bytes ...
 #: (measured, shuffled (64, 2048) tokens: 1/2/4/8/16/32 batches per message = 0.5-16 MiB gave
-#: ~240k/290k/340k/370k/450k/360k samples/s; see benchmarks/README.md)
+#: ~240k/290k/340k/370k/450k/360k samples/s; see docs/performance.md)
 AUTO_MESSAGE_BYTES = 8 << 20
 #: ... and at most this many batches.
 AUTO_MAX_BATCHES = 64

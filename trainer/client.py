@@ -16,7 +16,7 @@ into its queue while the training step runs. On CUDA the client additionally kee
 host-to-device copy of the next batches overlaps the current step. A step only waits when the
 producer falls behind; the time it waited is recorded in :attr:`FeedClient.stats`. Keeping the
 socket in the consuming thread removes every thread hand-off from the per-batch path (see
-``benchmarks/README.md`` for the measurements that motivated this).
+``docs/performance.md`` for the measurements that motivated this).
 
 CPU tensors are zero-copy, *read-only* views of the received frames: they stay valid as long as
 you hold them, but clone before writing in place. Small batches arrive several to a message

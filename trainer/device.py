@@ -83,7 +83,7 @@ def release_cycle_memory(*, freeze: bool) -> None:
     A full collection rescans every live object: ~140 ms per cycle boundary once torch is
     imported. With ``freeze`` (the first time), objects that survive it (modules, model,
     optimizer) move to the permanent generation, so later collections scan only what training
-    allocated since and the boundary costs ~1 ms (see benchmarks/README.md).
+    allocated since and the boundary costs ~1 ms (see docs/performance.md).
     """
     gc.collect()
     if freeze:

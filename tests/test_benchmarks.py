@@ -1,0 +1,109 @@
+"""The benchmark suite must not rot: a smoke run executes every section's code path at toy
+sizes, the report rebuilds from the committed full results, and a missing optional tool (the
+``bench`` extra) is announced instead of crashing the run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import plot, profiling
+from benchmarks import run as bench_run
+from benchmarks.common import BENCH_DIR, REPO
+
+HEADINGS = (
+    "#### Targets",
+    "#### Throughput",
+    "#### Cycle-boundary stall",
+    "#### Memory",
+    "#### Profile hot spots",
+    "#### Where a batch's CPU goes",
+    "#### GPU",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # ~1-2 min on a quiet 2-core machine; CPU is often shared
+def test_smoke_run_covers_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)]
+    proc = subprocess.run(
+        [*cmd, "--data-dir", str(tmp_path / "data")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["errors"] == {}
+    assert set(bench_run.SECTIONS) <= results.keys()
+    assert {r["method"] for r in results["throughput"]} == {
+        "limit",
+        "limit@msg",
+        "limit+malloc",
+        "lensfeed",
+        "original",
+        "dataloader-w0",
+        "dataloader-w2",
+    }
+    assert {r["case"] for r in results["throughput"]} == {"tok128", "act4"}
+    assert [r["key"] for r in results["stall"]["rows"]] == [
+        "ahead",
+        "ahead16",
+        "no-ahead",
+        "original",
+    ]
+    assert len(results["targets"]) == 4
+    prof = results["profile"]
+    assert [t["case"] for t in prof["threads"]] == ["tok128", "act4"]
+    if prof["profiler"]:
+        assert all((out / f).is_file() for r in prof["runs"] for f in r["files"].values())
+    else:
+        assert "left out, for want of an optional tool: profile" in proc.stderr
+    md = (out / "results.md").read_text()
+    assert [h for h in HEADINGS if h not in md] == []
+    assert (out / "throughput.png").is_file() == plot.available()
+
+
+def test_report_rebuilds_from_committed_results(tmp_path: Path) -> None:
+    shutil.copy(BENCH_DIR / "results" / "results.json", tmp_path)
+    assert bench_run.main(["--rebuild", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert [h for h in HEADINGS if h not in md] == []
+    assert md.count("| **PASS** |") + md.count("| **FAIL** |") == 4
+
+
+def test_missing_tools_are_announced_not_crashed_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench_run, "profiler", lambda: None)
+    monkeypatch.setattr(plot, "available", lambda: False)
+    assert len(bench_run.left_out(bench_run.SECTIONS)) == 2
+    assert len(bench_run.left_out(["throughput"])) == 1
+    assert not plot.plot({}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_profile_summary_keeps_the_data_path(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.collapsed"
+    raw.write_text(
+        "thread (1): MainThread;<module> (benchmarks/consumer.py:9);"
+        "run (benchmarks/consumer.py:50);Poller.poll (zmq/sugar/poll.py:20) 30\n"
+        "thread (2): lensfeed-regen;Prefetcher._run (lensfeed/producer/ahead.py:1);"
+        "TokenColumn.gather (lensfeed/producer/shard.py:40) 70\n"
+        "thread (1): MainThread;<module> (x.py:1);import_module (importlib/__init__.py:9) 50\n"
+        "thread (3): rss-sampler;sample (benchmarks/common.py:1) 5\n"
+    )
+    summary = tmp_path / "summary.txt"
+    summary.write_text(profiling.summarize_collapsed(raw, title="t"))
+    assert "on-CPU samples on the data path: 100 (excluded: 50" in summary.read_text()
+    assert profiling.top_self(summary) == [
+        ("TokenColumn.gather (producer/shard.py)", 70.0),
+        ("Poller.poll (sugar/poll.py)", 30.0),
+    ]
