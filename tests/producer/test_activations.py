@@ -9,14 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from torch import nn
 
 from lensfeed.common.config import LensfeedConfig, load_config
 from lensfeed.common.errors import ConfigError, TransformError
 from lensfeed.common.spec import DataSpec
 from lensfeed.producer.activations import (
-    ActivationBuilder,
     build_transform,
     partner_slots,
     token_positions,
@@ -24,10 +22,8 @@ from lensfeed.producer.activations import (
 from lensfeed.producer.models import TinyCausalLM, load_model
 from lensfeed.producer.shard import load_shard
 from lensfeed.producer.source import BatchTransform, ShardSource
+from tests._activations import CYCLE, SEQ, at, make_cfg, serve
 
-SEQ = 16
-ROWS = 40
-CYCLE = 24  # 6 batches of 4; forward chunks of 8 straddle batch groups of 3
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -90,47 +86,6 @@ def make_oom_at_forward() -> nn.Module:
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def dataset(tmp_path: Path) -> str:
-    rng = np.random.default_rng(0)
-    path = tmp_path / "ds"
-    ids = rng.integers(0, 256, (ROWS, SEQ), dtype=np.int64)
-    Dataset.from_dict({"input_ids": ids.tolist()}).save_to_disk(str(path))
-    return str(path)
-
-
-def make_cfg(dataset: str, *overrides: str) -> LensfeedConfig:
-    base = [
-        f"dataset.path={dataset}",
-        "batch_size=4",
-        f"dataset.on_the_fly.samples_per_regeneration_cycle={CYCLE}",
-        "activations.builder=activations",
-        "activations.forward_batch_size=8",
-        "activations.layer=1",
-        "activations.min_pos=1",
-        "activations.tiny.d_model=32",
-        "activations.tiny.n_heads=4",
-        "activations.tiny.n_layers=2",
-        "activations.tiny.max_seq_len=64",
-    ]
-    return load_config(None, [*base, *overrides])
-
-
-def serve(
-    cfg: LensfeedConfig,
-    *,
-    cycle: int = 0,
-    start: int = 0,
-    group: int = 1,
-    seq_len: int | None = SEQ,
-) -> tuple[list[dict[str, Any]], ActivationBuilder]:
-    """All batches ``start ..`` of ``cycle`` from a fresh builder (a fresh producer)."""
-    shard = load_shard(cfg.dataset.path, rank=0, world_size=1, columns=list(cfg.dataset.columns))
-    builder = build_transform(cfg.activations, rank=0, seed=cfg.seed, seq_len=seq_len, group=group)
-    source = ShardSource(shard, DataSpec.from_config(cfg), transform=builder)
-    return list(source.iter_batches(cycle, start)), builder
-
-
 def token_batches(cfg: LensfeedConfig, cycle: int = 0) -> list[dict[str, Any]]:
     shard = load_shard(cfg.dataset.path, rank=0, world_size=1, columns=list(cfg.dataset.columns))
     return list(ShardSource(shard, DataSpec.from_config(cfg)).iter_batches(cycle, 0))
@@ -157,10 +112,6 @@ def tiny_states(model: nn.Module, ids: np.ndarray) -> list[torch.Tensor]:
     for h in hooks:
         h.remove()
     return states
-
-
-def at(states: torch.Tensor, pos: np.ndarray) -> torch.Tensor:
-    return states[torch.arange(len(pos)), torch.as_tensor(pos)]
 
 
 # --------------------------------------------------------------------------- correctness
