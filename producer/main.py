@@ -60,7 +60,8 @@ def run_producer(cfg: LensfeedConfig, rank: int) -> int:
     import zmq
 
     from lensfeed.producer.listener import Listener
-    from lensfeed.producer.server import ProducerServer, linger_with_error
+    from lensfeed.producer.replies import linger_with_error
+    from lensfeed.producer.server import ProducerServer
 
     if not 0 <= rank < cfg.world_size:
         raise LensfeedError(f"--rank {rank} is outside world_size {cfg.world_size}")

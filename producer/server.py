@@ -24,6 +24,13 @@ from lensfeed.producer.ahead import Prefetcher, Ready
 from lensfeed.producer.listener import bind_socket
 from lensfeed.producer.packing import Packer, message_batches, stack
 from lensfeed.producer.peers import PeerGuard
+from lensfeed.producer.replies import (
+    peers_trusted,
+    send_error,
+    send_frames,
+    session_of,
+    user_id_of,
+)
 from lensfeed.producer.source import BatchSource
 
 log = logging.getLogger("lensfeed.producer")
@@ -33,67 +40,6 @@ _TICK_S = 0.05
 #: Most incoming messages handled before the loop serves batches again: a flood of messages
 #: (from anyone) cannot stall the trainer being served.
 _MAX_MESSAGES_PER_TICK = 256
-
-
-def _send(sock: zmq.Socket, peer: bytes, frames: list) -> bool:
-    """Send to ``peer`` without blocking; False if the peer is gone or its queue is full."""
-    try:
-        sock.send_multipart([peer, *frames], copy=False, flags=zmq.NOBLOCK)
-        return True
-    except zmq.ZMQError as exc:
-        if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-            return False
-        raise
-
-
-def send_error(
-    sock: zmq.Socket, peer: bytes, err: BaseException, *, fatal: bool, session: int | None = None
-) -> None:
-    code = err.code if isinstance(err, LensfeedError) else "internal"
-    text = str(err) if isinstance(err, LensfeedError) else f"{type(err).__name__}: {err}"
-    fields = P.error_fields(code, text[: P.MAX_STR], fatal=fatal)
-    if session is not None:
-        fields[P.SESSION] = session
-    _send(sock, peer, P.encode(P.ERROR, fields))
-
-
-def _session_of(frames: list) -> int | None:
-    """The ``session`` of a message, if it has a valid one (to echo it in an answer)."""
-    try:
-        return P.decode_header(frames[0]).get(P.SESSION) if frames else None
-    except ProtocolError:
-        return None
-
-
-def peers_trusted(sock: zmq.Socket) -> bool:
-    """Whether every peer that can reach ``sock`` is authenticated: a CURVE server (ZAP checks
-    each key) or an ipc socket in a private directory. Refusals to others carry no values."""
-    if sock.getsockopt(zmq.CURVE_SERVER):
-        return True
-    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    return endpoint.startswith(("ipc://", "inproc://"))
-
-
-def linger_with_error(sock: zmq.Socket, err: BaseException, *, linger_s: float) -> None:
-    """After a fatal start-up error: answer every message with it for ``linger_s`` seconds, so
-    a trainer that starts, or retries, within that window learns the cause instead of waiting.
-    Peers that are not authenticated learn only the error's code (its text may name paths)."""
-    if not peers_trusted(sock):
-        code = err.code if isinstance(err, LensfeedError) else "internal"
-        err = LensfeedError(f"the producer failed at start ({code}); its log has the details")
-        err.code = code
-    guard = PeerGuard()
-    deadline = time.monotonic() + linger_s
-    told: set[bytes] = set()
-    while (remaining := deadline - time.monotonic()) > 0:
-        if not sock.poll(int(remaining * 1000)):
-            return
-        peer, *frames = sock.recv_multipart()
-        if guard.may_reply(peer):
-            send_error(sock, peer, err, fatal=True, session=_session_of(frames))
-        if peer not in told and len(told) < 100:
-            told.add(peer)
-            log.info("told a trainer (peer %s) about the error", peer.hex())
 
 
 class ProducerServer:
@@ -238,7 +184,7 @@ class ProducerServer:
 
     def _deliver(self, frames: list) -> None:
         assert self.peer is not None
-        if not _send(self.sock, self.peer, frames):
+        if not send_frames(self.sock, self.peer, frames):
             log.warning("rank %d: trainer went away; waiting for a new hello", self.rank)
             self.peer = None
             self.serving = None
@@ -260,7 +206,7 @@ class ProducerServer:
                 exc = ProtocolError(f"undecodable message ({type(exc).__name__})")
             # A malformed hello is refused for good: its client must fail now, not time out.
             fatal = P.peek_kind(frames) == P.HELLO
-            self._refuse(peer, exc, fatal=fatal, session=_session_of(frames))
+            self._refuse(peer, exc, fatal=fatal, session=session_of(frames))
             return
         try:
             self._dispatch(peer, msg, frames)
@@ -282,7 +228,9 @@ class ProducerServer:
             # Also from a session already dropped (its socket closed mid-send): still goodbye.
             log.info("rank %d: trainer said goodbye", self.rank)
             # nothing follows: it may close now
-            _send(self.sock, peer, P.encode(P.BYE, {} if session is None else {P.SESSION: session}))
+            send_frames(
+                self.sock, peer, P.encode(P.BYE, {} if session is None else {P.SESSION: session})
+            )
             if peer == self.peer:
                 self.peer = None
                 self.serving = None
@@ -343,7 +291,7 @@ class ProducerServer:
 
     def _hello(self, peer: bytes, msg: P.Message, frames: list) -> None:
         session = msg.header.get(P.SESSION)
-        owner = _user_id(frames)
+        owner = user_id_of(frames)
         try:
             detail = self._mismatch(msg)
             if detail is not None:
@@ -417,18 +365,4 @@ class ProducerServer:
         self._deliver(P.encode(P.CYCLE_START, self._stamp(fields)))
 
 
-def _user_id(frames: list) -> str | None:
-    """The CURVE key (ZAP User-Id) a message came from; None without authentication."""
-    try:
-        return frames[0].get("User-Id") or None
-    except (zmq.ZMQError, AttributeError):
-        return None
-
-
-__all__ = [
-    "ProducerServer",
-    "bind_socket",
-    "linger_with_error",
-    "peers_trusted",
-    "send_error",
-]
+__all__ = ["ProducerServer", "bind_socket"]

@@ -48,6 +48,7 @@ from lensfeed.common.errors import (
 from lensfeed.common.spec import DataSpec
 from lensfeed.trainer.connection import ProducerLost, backoff, count_failed_handshake
 from lensfeed.trainer.contract import TensorContract, TensorSpec
+from lensfeed.trainer.credits import CreditWindow
 from lensfeed.trainer.cycles import Cycle, FeedStats
 from lensfeed.trainer.device import Staged, Stager, release_cycle_memory
 from lensfeed.trainer.session import Session
@@ -113,13 +114,7 @@ class FeedClient:
         self.stage_ahead = (
             stage_ahead if stage_ahead is not None else (2 if self.device.type == "cuda" else 0)
         )
-        # Credit window: batches the producer may have sent but we have not consumed. It starts
-        # small and, once the first batch shows its size, becomes prefetch_bytes / batch size
-        # (at most `prefetch`): deep for small batches, shallow for 32 MiB activations.
-        self._window = min(prefetch, 4)
-        self._sized = False
-        self._granted = self._window
-        self._consumed = 0
+        self._credits = CreditWindow(prefetch, prefetch_bytes)
         self._stager = Stager(self.device, slots=self.stage_ahead + 2)
         self._session = Session(
             endpoint,
@@ -237,10 +232,9 @@ class FeedClient:
 
     def _open(self, deadline: float) -> None:
         """A new session from the cursor; whatever the old one was granted died with it."""
-        self._granted = self._consumed + self._window
         self.welcome = self._session.open(
             self._normalized_cursor(),
-            credits=self._window,
+            credits=self._credits.restart(),
             deadline=deadline,
             timeout_s=self.timeout_s,
         )
@@ -387,14 +381,10 @@ class FeedClient:
             if item is not None:
                 return item
 
-    def _credit(self, n: int) -> None:
-        self._consumed += n
-        self._grant(force=False)
-
     def _grant(self, *, force: bool) -> None:
-        """Top the producer's credit back up to the window, in groups of a quarter window."""
-        deficit = self._window - (self._granted - self._consumed)
-        if deficit > 0 and (force or deficit >= max(1, self._window // 4)):
+        """Top the producer's credit back up to the window (:class:`CreditWindow`)."""
+        deficit = self._credits.due(force=force)
+        if deficit:
             try:  # what was sent on earlier credits is checked against them first
                 self._session.drain()
             except ProducerLost:
@@ -403,12 +393,7 @@ class FeedClient:
                 self._failed = exc
                 raise
             self._session.send(P.CREDIT, {"n": deficit})
-            self._granted += deficit
-
-    def _size_window(self, batch_bytes: int) -> None:
-        self._sized = True
-        fit = self.prefetch_bytes // max(1, batch_bytes)
-        self._window = max(1, min(self.prefetch, fit))
+            self._credits.granted += deficit
 
     def next_cycle(self) -> Cycle:
         """Ask the producer for the next cycle (this is the regeneration signal) and return it."""
@@ -475,8 +460,7 @@ class FeedClient:
                 raise ProtocolError(f"{self._where()}: batch count {count} is invalid at {b}")
             tensors = self._ready(staged)  # shapes were checked on arrival (TensorContract)
             batch_bytes = sum(t.numel() * t.element_size() for t in tensors.values()) // count
-            if not self._sized:
-                self._size_window(batch_bytes)
+            self._credits.size(batch_bytes)
             if count == 1:
                 batches: Any = (tensors,)
             else:  # one split per tensor (views), not one slice per batch and tensor
@@ -487,7 +471,8 @@ class FeedClient:
             for batch in batches:
                 b += 1
                 self._cursor = (cycle.index, b)
-                self._credit(1)
+                self._credits.consumed += 1
+                self._grant(force=False)
                 self.stats.batches += 1
                 self.stats.samples += bsz
                 self.stats.bytes += batch_bytes

@@ -27,6 +27,7 @@ from lensfeed.common.metrics import metrics_file
 from lensfeed.common.spec import DataSpec
 from lensfeed.trainer import checkpoint
 from lensfeed.trainer.client import FeedClient
+from lensfeed.trainer.cycles import Cycle
 from lensfeed.trainer.device import resolve_device
 from lensfeed.trainer.lockstep import agree, check_same, init_process_group
 from lensfeed.trainer.models import build_model
@@ -89,6 +90,7 @@ class Trainer:
         self.ddp: torch.nn.Module | None = None
         self.optim: torch.optim.Optimizer | None = None
         self.step = 0
+        self._last_loss = float("nan")  # of the latest step, for the cycle and final records
         self._resume_state: dict[str, Any] | None = None
         self._resumed_from: Path | None = None
         #: Step of the newest checkpoint this run wrote (or resumed from) in checkpoint_dir.
@@ -221,6 +223,7 @@ class Trainer:
     # ---------------------------------------------------------------- loop
 
     def run(self) -> dict[str, Any]:
+        """Train ``training.num_cycles`` cycles (or ``max_steps``); returns the status record."""
         t = self.cfg.training
         self._resume()
         self.metrics.write(
@@ -232,83 +235,17 @@ class Trainer:
                 "resumed_from": str(self._resumed_from) if self._resumed_from else None,
             }
         )
-        max_steps = t.max_steps or None
         t_start = time.perf_counter()
         samples = 0
-        last_loss = float("nan")
+        self._last_loss = float("nan")
         done = False
         while not done and self.feed.state_dict()["cycle"] < t.num_cycles:
             cycle = self._guard(self.feed.next_cycle)
             check_same(cycle.remaining, what=f"batches in cycle {cycle.index}", device=self.device)
-            it = iter(cycle)
             c_start, c_wait0 = time.perf_counter(), self.feed.stats.wait_s
-            bar = tqdm(
-                total=cycle.remaining,
-                desc=f"cycle {cycle.index}",
-                disable=not t.progress or self.rank != 0,
-                leave=False,
-            )
-            n = 0
-            for j in range(cycle.remaining):
-                batch = self._guard(lambda it=it: next(it))
-                last_loss = self._train_step(batch)
-                self.step += 1
-                samples += self.spec.batch_size
-                n += 1
-                bar.update(1)
-                if self.cfg.training.log_batches:
-                    self.metrics.write(
-                        {
-                            "event": "batch",
-                            "step": self.step,
-                            "cycle": cycle.index,
-                            "batch": cycle.start_batch + j,
-                            "digest": batch_digest(batch),
-                            "sample_idx": batch["sample_idx"].tolist(),
-                        }
-                    )
-                del batch
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
-                    self._save()
-                if max_steps is not None and self.step >= max_steps:
-                    done = True
-                    break
-            bar.close()
-            if not done:
-                self._guard(lambda it=it: next(it, None))  # reads the end of cycle, frees the cycle
-            dt = time.perf_counter() - c_start
-            waited = self.feed.stats.wait_s - c_wait0
-            record = {
-                "event": "cycle",
-                "cycle": cycle.index,
-                "batches": n,
-                "samples_per_s": n * self.spec.batch_size / dt if dt > 0 else 0.0,
-                "wait_s": waited,
-                "wait_share": waited / dt if dt > 0 else 0.0,
-                "wraps": cycle.wraps,
-                "feed_reconnects": self.feed.stats.reconnects,
-                "feed_recovery_s": self.feed.stats.recovery_s,
-                "total_wraps": int(cycle.meta["total_wraps"]),
-                "regen_s": cycle.regen_s,
-                "prepared_ahead": bool(cycle.meta["prepared_ahead"]),
-                "loss": last_loss,
-            }
-            self.metrics.write(record)
-            if t.checkpoint_every_cycles and (cycle.index + 1) % t.checkpoint_every_cycles == 0:
-                self._save()
-            log.info(
-                "rank %d cycle %d: %d batches, %.0f samples/s, waited %.3f s on data (%.1f%%), "
-                "wraps %d (total %d), loss %.4f",
-                self.rank,
-                cycle.index,
-                n,
-                record["samples_per_s"],
-                waited,
-                100 * record["wait_share"],
-                cycle.wraps,
-                record["total_wraps"],
-                last_loss,
-            )
+            n, done = self._train_cycle(cycle)
+            samples += n * self.spec.batch_size
+            self._end_of_cycle(cycle, n, time.perf_counter() - c_start, c_wait0)
         self._save()
         wall = time.perf_counter() - t_start
         summary = {
@@ -323,10 +260,85 @@ class Trainer:
             "wait_share": self.feed.stats.wait_s / wall if wall > 0 else 0.0,
             "feed_reconnects": self.feed.stats.reconnects,
             "feed_recovery_s": self.feed.stats.recovery_s,
-            "loss": last_loss,
+            "loss": self._last_loss,
         }
         self.metrics.write(summary)
         return summary
+
+    def _train_cycle(self, cycle: Cycle) -> tuple[int, bool]:
+        """Train on ``cycle``'s batches; returns (batches trained, whether max_steps ended it)."""
+        t = self.cfg.training
+        it = iter(cycle)
+        bar = tqdm(
+            total=cycle.remaining,
+            desc=f"cycle {cycle.index}",
+            disable=not t.progress or self.rank != 0,
+            leave=False,
+        )
+        n, done = 0, False
+        for j in range(cycle.remaining):
+            batch = self._guard(lambda it=it: next(it))
+            self._last_loss = self._train_step(batch)
+            self.step += 1
+            n += 1
+            bar.update(1)
+            if t.log_batches:
+                self.metrics.write(
+                    {
+                        "event": "batch",
+                        "step": self.step,
+                        "cycle": cycle.index,
+                        "batch": cycle.start_batch + j,
+                        "digest": batch_digest(batch),
+                        "sample_idx": batch["sample_idx"].tolist(),
+                    }
+                )
+            del batch
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                self._save()
+            if t.max_steps and self.step >= t.max_steps:
+                done = True
+                break
+        bar.close()
+        if not done:
+            self._guard(lambda it=it: next(it, None))  # reads the end of cycle, frees the cycle
+        return n, done
+
+    def _end_of_cycle(self, cycle: Cycle, n: int, dt: float, wait0: float) -> None:
+        """The cycle's metrics record and log line, and its checkpoint when one is due."""
+        t = self.cfg.training
+        waited = self.feed.stats.wait_s - wait0
+        record = {
+            "event": "cycle",
+            "cycle": cycle.index,
+            "batches": n,
+            "samples_per_s": n * self.spec.batch_size / dt if dt > 0 else 0.0,
+            "wait_s": waited,
+            "wait_share": waited / dt if dt > 0 else 0.0,
+            "wraps": cycle.wraps,
+            "feed_reconnects": self.feed.stats.reconnects,
+            "feed_recovery_s": self.feed.stats.recovery_s,
+            "total_wraps": int(cycle.meta["total_wraps"]),
+            "regen_s": cycle.regen_s,
+            "prepared_ahead": bool(cycle.meta["prepared_ahead"]),
+            "loss": self._last_loss,
+        }
+        self.metrics.write(record)
+        if t.checkpoint_every_cycles and (cycle.index + 1) % t.checkpoint_every_cycles == 0:
+            self._save()
+        log.info(
+            "rank %d cycle %d: %d batches, %.0f samples/s, waited %.3f s on data (%.1f%%), "
+            "wraps %d (total %d), loss %.4f",
+            self.rank,
+            cycle.index,
+            n,
+            record["samples_per_s"],
+            waited,
+            100 * record["wait_share"],
+            cycle.wraps,
+            record["total_wraps"],
+            self._last_loss,
+        )
 
     def close(self) -> None:
         self.feed.close()

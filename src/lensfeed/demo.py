@@ -155,6 +155,47 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+def _wait_for_trainer(
+    trainer: subprocess.Popen[bytes], producers: Sequence[subprocess.Popen[bytes]]
+) -> int:
+    """The trainer's exit code; a trainer that outlives a failed producer by
+    ``_TRAINER_GRACE_S`` is stopped (it would otherwise wait out its own timeouts)."""
+    dead_since: float | None = None
+    while True:
+        try:
+            return trainer.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+        bad = [(r, p.returncode) for r, p in enumerate(producers) if p.poll() not in (None, 0)]
+        if bad and dead_since is None:
+            dead_since = time.monotonic()
+            r, c = bad[0]
+            _say(f"producer {r} exited with code {c}; waiting for the trainer to stop")
+        if dead_since is not None and time.monotonic() - dead_since > _TRAINER_GRACE_S:
+            _say("stopping the trainer")
+            _stop([trainer])
+            return trainer.returncode
+
+
+def _producer_failures(
+    producers: Sequence[subprocess.Popen[bytes]], *, trainer_ok: bool
+) -> list[str]:
+    """After a good run every producer exits 0 on the trainer's goodbye; say which did not."""
+    failed = []
+    deadline = time.monotonic() + (_PRODUCER_EXIT_S if trainer_ok else 0.5)
+    for r, p in enumerate(producers):
+        try:
+            pc = p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pc = None
+        if pc is None:
+            if trainer_ok:
+                failed.append(f"producer {r} did not exit after the trainer said goodbye")
+        elif pc != 0:
+            failed.append(f"producer {r} exited with code {pc}")
+    return failed
+
+
 def run_demo(config: Path, overrides: Sequence[str], *, world: int) -> int:
     """Start producers and trainer, wait, summarize. Returns the exit code."""
     from lensfeed.common.config import load_config
@@ -172,36 +213,10 @@ def run_demo(config: Path, overrides: Sequence[str], *, world: int) -> int:
             producers.append(_start(producer_cmd(config, r, overrides), env))
         _say(f"started {world} producer(s); starting the {world}-rank trainer (torchrun)")
         trainer = _start(trainer_cmd(config, world, overrides), env)
-        dead_since: float | None = None
-        while True:
-            try:
-                code = trainer.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            bad = [(r, p.returncode) for r, p in enumerate(producers) if p.poll() not in (None, 0)]
-            if bad and dead_since is None:
-                dead_since = time.monotonic()
-                r, c = bad[0]
-                _say(f"producer {r} exited with code {c}; waiting for the trainer to stop")
-            if dead_since is not None and time.monotonic() - dead_since > _TRAINER_GRACE_S:
-                _say("stopping the trainer")
-                _stop([trainer])
-                code = trainer.returncode
-                break
+        code = _wait_for_trainer(trainer, producers)
         if code != 0:
             failed.append(f"trainer exited with code {code}")
-        deadline = time.monotonic() + (_PRODUCER_EXIT_S if code == 0 else 0.5)
-        for r, p in enumerate(producers):
-            try:
-                pc = p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pc = None
-            if pc is None:
-                if code == 0:
-                    failed.append(f"producer {r} did not exit after the trainer said goodbye")
-            elif pc != 0:
-                failed.append(f"producer {r} exited with code {pc}")
+        failed += _producer_failures(producers, trainer_ok=code == 0)
     except (KeyboardInterrupt, _Terminated):
         _say("interrupted; stopping producers and trainer")
         _stop(([trainer] if trainer else []) + producers)

@@ -20,7 +20,8 @@ from lensfeed.producer.cycle import CycleCursor
 from lensfeed.producer.fake import FakeProducer
 from lensfeed.producer.listener import bind_socket
 from lensfeed.producer.main import build_source, parser, run_producer
-from lensfeed.producer.server import ProducerServer, linger_with_error
+from lensfeed.producer.replies import linger_with_error
+from lensfeed.producer.server import ProducerServer
 from lensfeed.producer.shard import rank_slice
 from lensfeed.trainer.client import FeedClient
 from tests._peer import WAIT_S, RawPeer

@@ -1,0 +1,42 @@
+"""The client's credit window: how many batches its producer may have sent ahead of the loop.
+
+It starts small and, once the first batch shows its size, becomes ``prefetch_bytes / batch
+size`` (at most ``prefetch``): deep for small batches, shallow for 32 MiB activations. Credit
+is topped up in groups of a quarter window, and always before the client blocks.
+"""
+
+from __future__ import annotations
+
+
+class CreditWindow:
+    """Batches granted to and consumed from the producer, and how many more to grant."""
+
+    def __init__(self, prefetch: int, prefetch_bytes: int) -> None:
+        self.prefetch = prefetch
+        self.prefetch_bytes = prefetch_bytes
+        self.window = min(prefetch, 4)
+        self.sized = False
+        self.granted = self.window
+        self.consumed = 0
+
+    def restart(self) -> int:
+        """A new session: what the old one was granted died with it. Returns hello's credits."""
+        self.granted = self.consumed + self.window
+        return self.window
+
+    def due(self, *, force: bool) -> int:
+        """Credit to grant now (0: none yet): the deficit, once it reaches a quarter window."""
+        deficit = self.window - (self.granted - self.consumed)
+        if deficit > 0 and (force or deficit >= max(1, self.window // 4)):
+            return deficit
+        return 0
+
+    def size(self, batch_bytes: int) -> None:
+        """The first batch's size sets the window (once)."""
+        if not self.sized:
+            self.sized = True
+            fit = self.prefetch_bytes // max(1, batch_bytes)
+            self.window = max(1, min(self.prefetch, fit))
+
+
+__all__ = ["CreditWindow"]
