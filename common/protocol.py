@@ -219,16 +219,16 @@ def _buffer(frame: Any) -> memoryview:
     return buf if buf is not None else memoryview(frame)
 
 
-def decode_header(frame: Any) -> dict[str, Any]:
-    """Unpack and validate frame 0: size limits, msgpack limits, version, kind, field types."""
+def _unpack_header(frame: Any, *, strict_map_key: bool = True) -> Any:
+    """Frame 0 as msgpack within the header limits (size, no bin/ext, bounded containers)."""
     buf = _buffer(frame)
     if buf.nbytes > MAX_HEADER_BYTES:
         raise ProtocolError(f"header frame of {buf.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(
+        return msgpack.unpackb(
             buf,
             raw=False,
-            strict_map_key=True,
+            strict_map_key=strict_map_key,
             max_str_len=MAX_HEADER_BYTES,
             max_bin_len=0,
             max_array_len=4096,
@@ -237,6 +237,11 @@ def decode_header(frame: Any) -> dict[str, Any]:
         )
     except Exception as exc:  # msgpack raises a zoo of exception types for garbage
         raise ProtocolError(f"header frame is not valid msgpack ({type(exc).__name__})") from None
+
+
+def decode_header(frame: Any) -> dict[str, Any]:
+    """Unpack and validate frame 0: size limits, msgpack limits, version, kind, field types."""
+    header = _unpack_header(frame)
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
     version = header.get("v")
@@ -281,20 +286,8 @@ def peek_kind(frames: Sequence[Any]) -> str | None:
     """The ``kind`` of a message that failed validation, if its header says one (so a producer
     can refuse a malformed hello for good); None when even that cannot be read."""
     try:
-        header = (
-            msgpack.unpackb(
-                _buffer(frames[0]),
-                raw=False,
-                max_bin_len=0,
-                max_ext_len=0,
-                max_str_len=MAX_STR,
-                max_array_len=4096,
-                max_map_len=256,
-            )
-            if frames and _buffer(frames[0]).nbytes <= MAX_HEADER_BYTES
-            else None
-        )
-    except Exception:  # garbage: no kind
+        header = _unpack_header(frames[0], strict_map_key=False) if frames else None
+    except ProtocolError:  # garbage: no kind
         return None
     kind = header.get("kind") if isinstance(header, dict) else None
     return kind if isinstance(kind, str) and kind in SCHEMA else None
