@@ -142,13 +142,17 @@ class FeedClient:
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        cycle, batch = self._normalized_cursor()
+        return self.feed_state(self.spec, self.rank, self._normalized_cursor())
+
+    @staticmethod
+    def feed_state(spec: DataSpec, rank: int, cursor: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+        """The ``state_dict`` of rank ``rank``'s feed at ``cursor`` (a fresh run: ``(0, 0)``)."""
         return {
-            "cycle": cycle,
-            "batch": batch,
-            "fingerprint": self.spec.fingerprint(),
-            "rank": self.rank,
-            "world_size": self.spec.world_size,
+            "cycle": cursor[0],
+            "batch": cursor[1],
+            "fingerprint": spec.fingerprint(),
+            "rank": rank,
+            "world_size": spec.world_size,
         }
 
     @classmethod

@@ -96,14 +96,7 @@ class FeedDataset(IterableDataset):
             return self._client.state_dict()
         if self._state is not None:
             return dict(self._state)
-        spec = DataSpec.from_config(self.cfg)
-        return {
-            "cycle": 0,
-            "batch": 0,
-            "fingerprint": spec.fingerprint(),
-            "rank": self.rank,
-            "world_size": spec.world_size,
-        }
+        return FeedClient.feed_state(DataSpec.from_config(self.cfg), self.rank)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state`` (before the first batch is taken)."""
