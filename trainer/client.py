@@ -26,8 +26,6 @@ alive: clone what you store beyond the step. CUDA tensors are ordinary device me
 
 from __future__ import annotations
 
-import itertools
-import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,25 +36,19 @@ import torch
 from lensfeed.common import protocol as P
 from lensfeed.common.config import MAX_PREFETCH
 from lensfeed.common.curve import client_keys
-from lensfeed.common.errors import (
-    LensfeedError,
-    ProducerLostError,
-    ProducerTimeoutError,
-    ProtocolError,
-    StateMismatchError,
-)
+from lensfeed.common.errors import LensfeedError, ProducerTimeoutError, ProtocolError
 from lensfeed.common.spec import DataSpec
-from lensfeed.trainer.connection import ProducerLost, backoff, count_failed_handshake
+from lensfeed.trainer.connection import ProducerLost
 from lensfeed.trainer.contract import TensorContract, TensorSpec
 from lensfeed.trainer.credits import CreditWindow
+from lensfeed.trainer.cursor import cursor_state, resume_point, state_cursor
 from lensfeed.trainer.cycles import Cycle, FeedStats
 from lensfeed.trainer.device import Staged, Stager, release_cycle_memory
+from lensfeed.trainer.reconnect import Reconnector
 from lensfeed.trainer.session import Session
 
 if TYPE_CHECKING:
     from lensfeed.common.config import LensfeedConfig
-
-log = logging.getLogger("lensfeed.trainer")
 
 
 class FeedClient:
@@ -129,15 +121,11 @@ class FeedClient:
             # than the window (<= prefetch) queued, plus a few control messages.
             max_queued=prefetch + 16,
         )
+        #: Opens each session (the first, and after a loss) and resends what a lost one owed.
+        self._reconnect = Reconnector(self._session, self._credits, self)
         self._connected = False
-        self._asked: tuple[int, int] | None = None  # next_cycle sent, its cycle_start not taken
-        self._resent: tuple[int, int] | None = None  # cycle_start owed to a recovery, not the loop
         self._failed: LensfeedError | None = None
         self._gc_frozen = False
-        #: When the producer was lost with no batch handed to the loop since: recoveries
-        #: without progress share one reconnect_timeout_s (a producer that keeps dying, or
-        #: keeps being dropped, cannot hold the loop forever).
-        self._lost_since: float | None = None
 
     # ---------------------------------------------------------------- state
 
@@ -147,13 +135,7 @@ class FeedClient:
     @staticmethod
     def feed_state(spec: DataSpec, rank: int, cursor: tuple[int, int] = (0, 0)) -> dict[str, Any]:
         """The ``state_dict`` of rank ``rank``'s feed at ``cursor`` (a fresh run: ``(0, 0)``)."""
-        return {
-            "cycle": cursor[0],
-            "batch": cursor[1],
-            "fingerprint": spec.fingerprint(),
-            "rank": rank,
-            "world_size": spec.world_size,
-        }
+        return cursor_state(spec, rank, cursor)
 
     @classmethod
     def from_config(
@@ -179,20 +161,7 @@ class FeedClient:
         """Resume from ``state``; must be called before the first cycle is requested."""
         if self._connected:
             raise LensfeedError("load_state_dict() must be called before connecting")
-        for key, ours in (
-            ("fingerprint", self.spec.fingerprint()),
-            ("rank", self.rank),
-            ("world_size", self.spec.world_size),
-        ):
-            if state.get(key) != ours:
-                raise StateMismatchError(
-                    f"feed state was saved with {key}={state.get(key)!r}, found {ours!r} now; "
-                    "the checkpoint belongs to another data configuration or rank"
-                )
-        cycle, batch = int(state["cycle"]), int(state["batch"])
-        if cycle < 0 or not 0 <= batch < self.spec.batches_in_cycle(cycle):
-            raise StateMismatchError(f"feed state cursor (cycle {cycle}, batch {batch}) is invalid")
-        self._cursor = (cycle, batch)
+        self._cursor = state_cursor(state, self.spec, self.rank)
 
     # ---------------------------------------------------------------- connection
 
@@ -201,108 +170,23 @@ class FeedClient:
 
     def _normalized_cursor(self) -> tuple[int, int]:
         """The cursor with a finished cycle rolled over to ``(cycle + 1, 0)``."""
-        cycle, batch = self._cursor
-        if batch >= self.spec.batches_in_cycle(cycle):
-            return cycle + 1, 0
-        return cycle, batch
+        return resume_point(self.spec, self._cursor)
 
     def connect(self) -> dict[str, Any]:
         """Handshake (with the resume cursor); returns the producer's WELCOME fields."""
         if self._connected:
             return self.welcome
         self._connected = True
-        deadline = time.monotonic() + self.timeout_s
-        failed_handshakes = 0
         try:
-            for attempt in itertools.count():
-                try:
-                    self._open(deadline)
-                    break
-                except ProducerLost as lost:
-                    failed_handshakes = count_failed_handshake(lost, failed_handshakes)
-                    if lost.connected:
-                        self._recover(lost.cause)
-                        break
-                    # Nothing listens there yet: the producer may start after us.
-                    if not backoff(attempt, deadline):
-                        raise ProducerTimeoutError(
-                            f"no answer to hello from the {self._where()} within "
-                            f"{self.timeout_s:g} s ({lost.cause})"
-                        ) from None
+            self.welcome = self._reconnect.connect(self._cursor, self._current)
         except LensfeedError as exc:
             self._failed = exc
             raise
         return self.welcome
 
-    def _open(self, deadline: float) -> None:
-        """A new session from the cursor; whatever the old one was granted died with it."""
-        self.welcome = self._session.open(
-            self._normalized_cursor(),
-            credits=self._credits.restart(),
-            deadline=deadline,
-            timeout_s=self.timeout_s,
-        )
-
     def _recover(self, cause: str) -> None:
-        """Reach the producer again and put the session back where the loop is.
-
-        The new hello carries the cursor (the next batch not yet handed to the loop), so the
-        producer regenerates from there; what the old connection still had in flight died with
-        its socket. The cycle being iterated is asked for again from the cursor (its
-        ``cycle_start`` is taken here, not by the loop), or an outstanding ``next_cycle`` is
-        sent again. Gives up after ``reconnect_timeout_s`` with :class:`ProducerLostError`.
-        """
-        t0 = time.monotonic()
-        if self._lost_since is None:
-            self._lost_since = t0
-        deadline = self._lost_since + self.reconnect_timeout_s
-        first = cause
-        failed_handshakes = 0
-        log.warning(
-            "rank %d: lost the %s: %s; reconnecting (cursor: cycle %d, batch %d)",
-            self.rank,
-            self._where(),
-            cause,
-            *self._normalized_cursor(),
-        )
-        for attempt in itertools.count():
-            if time.monotonic() >= deadline or self.reconnect_timeout_s <= 0:
-                raise ProducerLostError(
-                    f"lost the {self._where()} ({first}) and no producer served a batch within "
-                    f"feed.reconnect_timeout_s={self.reconnect_timeout_s:g} s (last: {cause})"
-                )
-            try:
-                self._open(deadline)
-                break
-            except ProducerLost as lost:
-                cause = lost.cause
-                failed_handshakes = count_failed_handshake(lost, failed_handshakes)
-            except ProducerTimeoutError:
-                cause = "no answer to hello"
-            backoff(attempt, deadline)
-        cur = self._current
-        if cur is not None and not cur.done:
-            cycle, batch = self._cursor
-            if batch < cur.num_batches:
-                self._session.send(P.NEXT_CYCLE, {"cycle": cycle, "batch": batch})
-                self._resent = (cycle, batch)
-            else:  # every batch was handed over; only the cycle's end was still to come
-                end = {"rank": self.rank, "cycle": cycle, "batches": cur.num_batches}
-                self._session.items.append((P.CYCLE_END, {**end, "regen_s": 0.0}))
-        elif self._asked is not None:
-            self._session.send(P.NEXT_CYCLE, {"cycle": self._asked[0], "batch": self._asked[1]})
-        lost_s = time.monotonic() - t0
-        self.stats.reconnects += 1
-        self.stats.recovery_s += lost_s
-        log.warning(
-            "rank %d: reconnected to the %s after %.2f s (cause: %s); resuming at cycle %d, "
-            "batch %d",
-            self.rank,
-            self._where(),
-            lost_s,
-            first,
-            *self._normalized_cursor(),
-        )
+        """Reach the lost producer again and resume where the loop is (:class:`Reconnector`)."""
+        self.welcome = self._reconnect.recover(cause, self._cursor, self._current)
 
     def close(self) -> None:
         """Say goodbye (the producer may exit) and release the socket.
@@ -336,9 +220,9 @@ class FeedClient:
                 except ProducerLost as lost:
                     self._recover(lost.cause)
                     continue
-                if kind == P.CYCLE_START and self._resent is not None:
-                    self._check_cycle_start(payload, *self._resent)
-                    self._resent = None
+                if kind == P.CYCLE_START and self._reconnect.resent is not None:
+                    self._check_cycle_start(payload, *self._reconnect.resent)
+                    self._reconnect.resent = None
                     continue
                 return kind, payload
         except LensfeedError as exc:
@@ -408,10 +292,10 @@ class FeedClient:
             )
         self.connect()
         cycle, batch = self._cursor = self._normalized_cursor()
-        self._asked = (cycle, batch)
+        self._reconnect.asked = (cycle, batch)
         self._session.send(P.NEXT_CYCLE, {"cycle": cycle, "batch": batch})
         kind, header = self._take(f"start of cycle {cycle}")
-        self._asked = None
+        self._reconnect.asked = None
         if kind != P.CYCLE_START:
             raise ProtocolError(f"{self._where()}: expected start of cycle {cycle}, got {kind}")
         self._check_cycle_start(header, cycle, batch)
@@ -471,7 +355,8 @@ class FeedClient:
                 names = list(tensors)
                 parts = [t.split(bsz) for t in tensors.values()]
                 batches = (dict(zip(names, ts, strict=True)) for ts in zip(*parts, strict=True))
-            self._lost_since = None  # progress: a new loss gets a full reconnect_timeout_s
+            # Progress: a new loss gets a full reconnect_timeout_s.
+            self._reconnect.lost_since = None
             for batch in batches:
                 b += 1
                 self._cursor = (cycle.index, b)

@@ -1,10 +1,11 @@
 """The client's side of one producer session: the hello that opens it, and its messages in order.
 
-:class:`FeedClient` decides *what* to ask for (cursor, cycles, credits, recovery); a
-:class:`Session` owns the socket and turns what arrives into an ordered queue of
-``(kind, payload)`` items, staging batches to the device as they arrive. Each :meth:`open`
-starts over on a fresh :class:`~lensfeed.trainer.connection.Connection` with a new session
-number, so nothing of an earlier session can be mistaken for this one's (docs/protocol.md 6.2).
+:class:`FeedClient` decides *what* to ask for (cursor, cycles, credits; recovery through its
+:class:`~lensfeed.trainer.reconnect.Reconnector`); a :class:`Session` owns the socket and turns
+what arrives into an ordered queue of ``(kind, payload)`` items, staging batches to the device
+as they arrive. Each :meth:`open` starts over on a fresh
+:class:`~lensfeed.trainer.connection.Connection` with a new session number, so nothing of an
+earlier session can be mistaken for this one's (docs/protocol.md 6.2).
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ def prepare_demo_data(path: str | Path, *, seq_len: int = DEMO_SEQ_LEN) -> dict[
     An existing directory is never touched unless it is an earlier demo dataset made with
     another recipe (seq_len or Python version), which is rebuilt.
     """
-    from lensfeed.pretokenize import INFO_FILE, ByteTokenizer, write_packed
+    from lensfeed.pretokenize import INFO_FILE, write_packed
+    from lensfeed.tokenizer import ByteTokenizer
 
     out = Path(path)
     with _locked(out):

@@ -6,7 +6,8 @@ with one EOS after each, cut every ``seq_len`` tokens (lensfeed rejects ragged r
 last row is dropped), saved (``save_to_disk``) as one ``int32`` ``input_ids`` column.
 ``datasets`` reads, batches and writes; ours are the packing (a partial row carries over from
 batch to batch) and errors naming the file and line at fault. Tokenizer ``bytes`` (ids = UTF-8
-bytes, EOS = 0) needs nothing; any other is loaded by ``transformers`` from local files only.
+bytes, EOS = 0) needs nothing; any other is loaded by ``transformers`` from local files only
+(:mod:`lensfeed.tokenizer`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import datasets
 import numpy as np
@@ -34,11 +35,14 @@ from datasets.packaged_modules.json.json import JsonConfig
 from lensfeed.common.errors import ConfigError, LensfeedError
 from lensfeed.common.logs import setup_logging
 
+# The tokenizers live in lensfeed.tokenizer; this module's names for them stay valid.
+from lensfeed.tokenizer import BYTE_EOS as BYTE_EOS
+from lensfeed.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+
 log = logging.getLogger("lensfeed.tokenize")
 
 #: Marker written next to the Arrow files: how the dataset was made.
 INFO_FILE = "lensfeed_tokenize.json"
-BYTE_EOS = 0
 #: ``--txt-docs`` value -> ``load_dataset("text", sample_by=...)``.
 _SAMPLE_BY = {"file": "document", "line": "line", "paragraph": "paragraph"}
 _TEXT = datasets.Features({"text": datasets.Value("string")})
@@ -46,70 +50,6 @@ _IDS = datasets.Features({"ids": datasets.Sequence(datasets.Value("int32"))})
 _ROWS = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 # Newer datasets read JSON lines with "type"/"message" fields as agent traces; a corpus is text.
 _JSON_OPTIONS = {"parse_agent_traces": False} if hasattr(JsonConfig, "parse_agent_traces") else {}
-
-
-class Tokenizer(Protocol):
-    """What packing needs from a tokenizer."""
-
-    name: str
-    eos_id: int
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255; EOS is 0 (NUL). Needs no vocabulary file."""
-
-    name = "bytes"
-    vocab_size = 256
-
-    def __init__(self, eos_id: int = BYTE_EOS) -> None:
-        self.eos_id = eos_id
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [self.encode(t) for t in texts]
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer from local files (``transformers`` is imported only here)."""
-
-    def __init__(self, name_or_path: str, *, eos_id: int | None = None) -> None:
-        try:
-            import transformers
-        except ImportError:
-            raise ConfigError(
-                f"--tokenizer {name_or_path!r} needs the transformers package "
-                "(pip install 'lensfeed[models]'), or use --tokenizer bytes"
-            ) from None
-        transformers.logging.set_verbosity_error()  # long documents are fine: we pack them
-        try:
-            tok = transformers.AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-        except Exception as exc:
-            raise LensfeedError(
-                f"cannot load tokenizer {name_or_path!r} from local files (nothing is "
-                f"downloaded; pass a directory holding tokenizer.json or a name already in the "
-                f"Hugging Face cache): {type(exc).__name__}: {exc}"
-            ) from None
-        eos = tok.eos_token_id if eos_id is None else eos_id
-        if eos is None:
-            raise ConfigError(f"tokenizer {name_or_path!r} has no eos_token_id; pass --eos-id")
-        self.name = str(name_or_path)
-        self.eos_id = int(eos)
-        self._tok = tok
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        out = self._tok(list(texts), add_special_tokens=False)["input_ids"]
-        return [np.asarray(ids, dtype=np.int64) for ids in out]
-
-
-def load_tokenizer(name: str = "bytes", *, eos_id: int | None = None) -> Tokenizer:
-    """``bytes`` -> :class:`ByteTokenizer`; anything else -> :class:`HFTokenizer`."""
-    if name in ("bytes", "byte"):
-        return ByteTokenizer(BYTE_EOS if eos_id is None else eos_id)
-    return HFTokenizer(name, eos_id=eos_id)
 
 
 @contextlib.contextmanager
