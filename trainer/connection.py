@@ -94,8 +94,10 @@ class Connection:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # Credits bound what a conforming producer sends; these bound what any producer can
-        # make us hold: libzmq drops a frame over MAXMSGSIZE (and the connection) before
-        # allocating it, and stops reading from the network at RCVHWM queued messages.
+        # make us hold in whole messages: libzmq drops a frame over MAXMSGSIZE (and the
+        # connection) before allocating it, and stops reading from the network at RCVHWM queued
+        # messages. Not the frames of one unfinished message: libzmq has no limit for those, so
+        # feed.timeout_s is what ends such a peer (docs/protocol.md section 11).
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         sock.setsockopt(zmq.RCVHWM, max_queued)
         sock.setsockopt(zmq.RECONNECT_IVL, _NO_RECONNECT_MS)  # see the module docstring

@@ -2,9 +2,10 @@
 
 Whatever a producer sends, the client must end, soon, with a :class:`LensfeedError` that says
 what went wrong: never a TypeError or RecursionError from deep inside, a MemoryError, a hang, or a
-cycle completed with wrong data. Its memory must stay within what it granted (the credit window)
-plus one message of the maximum size: a producer cannot make it buffer more. The client runs in
-its own process so that its peak RSS is its own (see ``run_client``).
+cycle completed with wrong data. Its memory must stay within the RCVHWM messages libzmq may
+queue (a few beyond the credit window) of at most the maximum size each. The one exception, a
+multipart message that never ends, is the last test. The client runs in its own process so that
+its peak RSS is its own (see ``run_client``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.rogue_producer import (
     MODES,
     RESULT_PREFIX,
 )
+from tests.zmtp_rogue import frame_header
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -156,3 +158,67 @@ def test_rogue_producer_is_refused(case: Case, procs: Procs, tmp_path: Path) -> 
     print(summary)
     problems = _problems(case, res, endpoint)
     assert not problems, f"{summary}\n  " + "\n  ".join(problems) + f"\n{rogue_out[-2000:]}"
+
+
+#: What tests/zmtp_rogue.py sends: 1 MiB frames, all of one message that never ends, 64 MiB.
+UNFINISHED_FRAME_BYTES = 1 << 20
+UNFINISHED_BYTES = 64 << 20
+#: Time allowed past the client's timeout_s for it to notice and raise.
+TIMEOUT_MARGIN_S = 5.0
+
+
+def test_unfinished_multipart_message_ends_at_the_timeout(procs: Procs, tmp_path: Path) -> None:
+    """A peer that speaks ZMTP by hand (tests/zmtp_rogue.py) and, after the hello, sends 64 MiB
+    of frames of one multipart message, every one with MORE set, never the last, then idles
+    (answering heartbeats, so the connection stays alive).
+
+    This is the one input libzmq does not bound: MAXMSGSIZE limits each frame and RCVHWM counts
+    complete messages, but the frames of an unfinished message are held in the receiving pipe
+    without limit, since libzmq delivers a multipart message only whole. The client never sees
+    a message, so it cannot refuse one: its memory grows with what such a peer sends (the
+    frames' bytes, and at least 64 bytes per frame: 32 times the bytes on the wire with empty
+    frames) until ``timeout_s`` ends the session and the closed socket frees it. What is checked
+    is that the timeout does end it, with a LensfeedError; the growth is recorded, bounded
+    loosely by what was sent plus the usual slack.
+    """
+    endpoint = ipc_endpoint(tmp_path).format(rank=0)
+    rogue = procs.start(
+        python_cmd(
+            "tests.zmtp_rogue",
+            endpoint,
+            "--frame-bytes",
+            str(UNFINISHED_FRAME_BYTES),
+            "--total-bytes",
+            str(UNFINISHED_BYTES),
+        )
+    )
+    client = procs.start(python_cmd("tests.rogue_producer", "--client", endpoint))
+    rc, out = procs.wait(client, timeout=CLIENT_DEADLINE_S + CLOSE_S + 30)
+    # The rogue exits by itself once the client's socket is closed (it was, or its process ended).
+    rogue_rc, rogue_out = procs.wait(rogue, timeout=10)
+    res = _result(out)
+    if res is None and HANG_MARK in out:
+        pytest.fail(f"the client hung; its stacks:\n{out[out.index(HANG_MARK) :][:4000]}")
+    assert res is not None, (
+        f"the client process died ({_exit_status(rc)}) without a result:\n{out[-4000:]}\n"
+        f"{rogue_out[-2000:]}"
+    )
+    sent = (
+        UNFINISHED_BYTES
+        // UNFINISHED_FRAME_BYTES
+        * (UNFINISHED_FRAME_BYTES + len(frame_header(UNFINISHED_FRAME_BYTES)))
+    )
+    # The input really was delivered: the rogue wrote all of it (the client read it all).
+    assert rogue_rc == 0, rogue_out[-2000:]
+    assert f"streamed {sent} bytes" in rogue_out, rogue_out[-2000:]
+    growth_mib = (res["peak_rss_kib"] - res["baseline_rss_kib"]) / 1024
+    summary = (
+        f"unfinished multipart message ({sent >> 20} MiB sent): {res['error']} after "
+        f"{res['elapsed_s']:.2f} s, RSS +{growth_mib:.0f} MiB: {res['message'][:300]!r}"
+    )
+    print(summary)
+    limit_s = CLIENT_KWARGS["timeout_s"] + TIMEOUT_MARGIN_S
+    assert res["lensfeed"], summary
+    assert "ProducerTimeoutError" in res["mro"], summary
+    assert res["elapsed_s"] <= limit_s, f"{summary}\n  limit {limit_s:g} s"
+    assert growth_mib < (UNFINISHED_BYTES >> 20) + RSS_BOUND_MIB, summary
