@@ -141,13 +141,25 @@ def self_report() -> dict[str, Any]:
     }
 
 
+def _cpu_ticks(stat: str) -> int | None:
+    """utime + stime (clock ticks) from a ``/proc/.../stat`` file; None once it is gone."""
+    try:
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
 class ThreadCpu:
     """Samples the per-thread CPU time of running processes from ``/proc`` every 20 ms, so a
     report can say which thread spent the time in a window of the run (the producer's
     regeneration thread, either side's ZeroMQ I/O thread, the main loops)."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], *, per_thread: bool = True) -> None:
         self.pids = pids
+        #: False: one ``/proc/<pid>/stat`` read per process and sample (every thread's CPU,
+        #: ended threads included, as "process"), light enough to run beside a throughput run.
+        self.per_thread = per_thread
         #: (wall time, {(side, tid): (thread name, CPU ticks)})
         self.series: list[tuple[float, dict[tuple[str, int], tuple[str, int]]]] = []
         self._stop = threading.Event()
@@ -157,6 +169,11 @@ class ThreadCpu:
     def _sample(self) -> None:
         snap: dict[tuple[str, int], tuple[str, int]] = {}
         for side, pid in self.pids.items():
+            if not self.per_thread:
+                ticks = _cpu_ticks(f"/proc/{pid}/stat")
+                if ticks is not None:
+                    snap[(side, pid)] = ("process", ticks)
+                continue
             try:
                 tids = os.listdir(f"/proc/{pid}/task")
             except OSError:
@@ -164,11 +181,11 @@ class ThreadCpu:
             for tid in tids:
                 try:
                     name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-                    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1]
                 except OSError:
                     continue
-                utime, stime = (int(x) for x in fields.split()[11:13])
-                snap[(side, int(tid))] = ("main" if int(tid) == pid else name, utime + stime)
+                ticks = _cpu_ticks(f"/proc/{pid}/task/{tid}/stat")
+                if ticks is not None:
+                    snap[(side, int(tid))] = ("main" if int(tid) == pid else name, ticks)
         self.series.append((time.time(), snap))
 
     def _run(self) -> None:
@@ -200,6 +217,10 @@ class ThreadCpu:
                 per = out.setdefault(key[0], {})
                 per[name] = per.get(name, 0.0) + spent / hz
         return out
+
+    def total(self, t0: float, t1: float) -> float:
+        """CPU seconds of every sampled process together between wall times ``t0`` and ``t1``."""
+        return sum(sum(per.values()) for per in self.between(t0, t1).values())
 
 
 # --------------------------------------------------------------------------- processes

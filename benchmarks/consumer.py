@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
                 boundary_wait = feed.stats.wait_s - wait_at_last_step
                 wait_first = feed.stats.wait_s
             if timed and n % args.block == 0:
-                marks.append((n, now, feed.stats.bytes))
+                marks.append((n, now, feed.stats.bytes, time.time()))
             if args.step_s:
                 spend(args.step_s, args.step_mode)
             elif cuda:
@@ -103,8 +103,16 @@ def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
                 "prepared_ahead": bool(cycle.meta.get("prepared_ahead")),
                 "complete": cycle.done,
                 "blocks": [
-                    {"batches": n1 - n0, "seconds": t1 - t0, "bytes": b1 - b0}
-                    for (n0, t0, b0), (n1, t1, b1) in zip(marks[:-1], marks[1:], strict=True)
+                    {
+                        "batches": n1 - n0,
+                        "seconds": t1 - t0,
+                        "bytes": b1 - b0,
+                        "wall_start": w0,  # wall clock: lines up with /proc CPU samples
+                        "wall_end": w1,
+                    }
+                    for (n0, t0, b0, w0), (n1, t1, b1, w1) in zip(
+                        marks[:-1], marks[1:], strict=True
+                    )
                 ],
             }
         )

@@ -62,6 +62,7 @@ def recv(endpoint: str, count: int, rounds: int, hwm: int, report: Path) -> None
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.connect(endpoint)
     times: list[float] = []
+    walls: list[float] = []  # wall clock at each round's end: lines up with /proc CPU samples
     nbytes = 0
     t_prev = 0.0
     for r in range(rounds):
@@ -71,6 +72,7 @@ def recv(endpoint: str, count: int, rounds: int, hwm: int, report: Path) -> None
             assert header["cycle"] == r
             nbytes = len(frames[1].buffer)
         now = time.perf_counter()
+        walls.append(time.time())
         if r > 0:
             times.append(now - t_prev)
         t_prev = now
@@ -78,7 +80,7 @@ def recv(endpoint: str, count: int, rounds: int, hwm: int, report: Path) -> None
     ctx.term()
     write_json(
         report,
-        {"round_s": times, "count": count, "nbytes": nbytes, **self_report()},
+        {"round_s": times, "round_wall": walls, "count": count, "nbytes": nbytes, **self_report()},
     )
 
 

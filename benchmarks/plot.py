@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import MiB
-from benchmarks.report import METHOD_ORDER, find_row
 from benchmarks.settings import CASES
+from benchmarks.targets import METHOD_ORDER, find_row
 
 
 def available() -> bool:

@@ -1,5 +1,5 @@
-"""Turn the suite's results into targets (pass/fail) and a Markdown report (the plot is in
-:mod:`benchmarks.plot`)."""
+"""Turn the suite's results into a Markdown report (targets are evaluated in
+:mod:`benchmarks.targets`, the plot drawn in :mod:`benchmarks.plot`)."""
 
 from __future__ import annotations
 
@@ -8,144 +8,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import KiB, fmt_bytes, fmt_rate
+from benchmarks.common import fmt_bytes, fmt_rate
 from benchmarks.settings import CASES
+from benchmarks.targets import METHOD_ORDER, Target
 
-METHOD_ORDER = [
-    "limit",
-    "limit@msg",
-    "limit+malloc",
-    "lensfeed",
-    "original",
-    "dataloader-w0",
-    "dataloader-w2",
-]
-BASELINES = {"original": "original", "DL w0": "dataloader-w0", "DL w2": "dataloader-w2"}
 NO_PROFILER = "py-spy is not installed (`pip install -e '.[bench]'`)"
 README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
-
-
-# --------------------------------------------------------------------------- lookups
-
-
-def find_row(rows: list[dict[str, Any]], case: str, method: str, shuffle: bool | None) -> Any:
-    """The row of ``case`` and ``method`` in that order (the limit rows have none), or None."""
-    for r in rows:
-        same = r["case"] == case and r["method"] == method
-        if same and (r["shuffle"] is None or r["shuffle"] == shuffle):
-            return r
-    return None
-
-
-def _median(row: dict[str, Any] | None, key: str = "samples_per_s") -> float:
-    return row[key]["median"] if row else float("nan")
-
-
-def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """``ratios``: this row's median samples/s over the limit's and each baseline's."""
-    for r in rows:
-        shuffle = r["shuffle"]
-        limit = find_row(rows, r["case"], "limit", None)
-        ref = {
-            "limit": limit,
-            # the limit at the message size lensfeed sends (= limit when it sends one batch)
-            "limit@msg": find_row(rows, r["case"], "limit@msg", None) or limit,
-            "limit+malloc": find_row(rows, r["case"], "limit+malloc", None),
-        }
-        for label, method in BASELINES.items():
-            ref[label] = find_row(rows, r["case"], method, shuffle)
-        mine = _median(r)
-        r["ratios"] = {k: (mine / _median(v) if v else None) for k, v in ref.items()}
-
-
-# --------------------------------------------------------------------------- targets
-
-Target = dict[str, Any]  # target, value, worst, ok[, note]
-
-
-def _limit_target(rows: list[dict[str, Any]]) -> Target | None:
-    vals = []
-    for r in rows:
-        if r["method"] == "lensfeed" and r["batch_bytes"] >= 512 * KiB:
-            ratio = r["ratios"]["limit"]
-            shuf = "shuffled" if r["shuffle"] else "sequential"
-            same = r["ratios"].get("limit@msg")
-            msg = r.get("samples_per_message", 64) // 64
-            extra = f" ({same:.2f}x limit@msg, {msg} batches/msg)" if msg > 1 and same else ""
-            vals.append((ratio, f"{r['case']} {shuf} {ratio:.2f}x{extra}"))
-    if not vals:
-        return None
-    worst = min(v for v, _ in vals)
-    return {
-        "target": ">= 0.8x the raw-ZeroMQ limit for batch messages >= 512 KiB",
-        "value": "; ".join(t for _, t in vals),
-        "worst": worst,
-        "ok": worst >= 0.8,
-    }
-
-
-def _rate_target(rows: list[dict[str, Any]]) -> Target | None:
-    feed = find_row(rows, "tok128", "lensfeed", True)
-    if not feed:
-        return None
-    return {
-        "target": ">= 1,000,000 samples/s end-to-end, shuffled (64, 128) int32 tokens",
-        "value": f"{_median(feed):,.0f} samples/s",
-        "worst": _median(feed),
-        "ok": _median(feed) >= 1e6,
-    }
-
-
-def _stall_target(stall: dict[str, Any]) -> Target | None:
-    r = next((r for r in stall["rows"] if r["key"] == "ahead"), None)
-    if not r:
-        return None
-    b, g, share = r["boundary_s"], r["regen_s"]["median"], r["boundary_over_regen"]["median"]
-    return {
-        "target": "cycle-boundary wait <= 5% of one cycle's regeneration time (prepare_ahead)",
-        "value": f"median {b['median'] * 1e3:.1f} ms (max {b['max'] * 1e3:.1f} ms) = "
-        f"{share:.1%} of a {g * 1e3:.0f} ms regeneration",
-        "worst": share,
-        "ok": share <= 0.05,
-    }
-
-
-def _memory_target(mem: dict[str, Any]) -> Target:
-    c, sides = mem["checks"], ("producer", "trainer")
-
-    def growth(s: str, metric: str, limit: bool = False) -> str:
-        x = c[f"{s}.{metric}"]
-        text = f"{s} {fmt_bytes(x['small'])} -> {fmt_bytes(x['large'])}"
-        return f"{text} (limit {fmt_bytes(x['limit_bytes'])})" if limit else text
-
-    hwm = "; ".join(growth(s, "peak_rss_bytes", limit=True) for s in sides)
-    anon_ok = all(c[f"{s}.peak_anon_bytes"]["ok"] for s in sides)
-    small, large = mem["small"]["samples_per_cycle"], mem["large"]["samples_per_cycle"]
-    return {
-        "target": f"peak RSS at S={large:,} within 10% (+ the index permutation, "
-        f"{fmt_bytes(mem['permutation_bytes'])}) of S={small:,}",
-        "value": f"VmHWM: {hwm}",
-        "worst": max(c[f"{s}.peak_rss_bytes"]["ratio"] for s in sides),
-        "ok": all(c[f"{s}.peak_rss_bytes"]["ok"] for s in sides),
-        "note": "both runs serve the same samples (the small S over many cycles), so they map "
-        "the same dataset pages; private memory (peak RssAnon): "
-        + "; ".join(growth(s, "peak_anon_bytes") for s in sides)
-        + (": within" if anon_ok else ": NOT within")
-        + " the same limit",
-    }
-
-
-def evaluate_targets(results: dict[str, Any]) -> list[Target]:
-    """The issue's four targets, for whichever sections ran."""
-    rows = results.get("throughput", [])
-    found = [
-        _limit_target(rows),
-        _rate_target(rows),
-        _stall_target(results["stall"]) if results.get("stall") else None,
-        _memory_target(results["memory"]) if results.get("memory") else None,
-    ]
-    return [t for t in found if t]
 
 
 # --------------------------------------------------------------------------- markdown
@@ -168,6 +37,10 @@ def _ratio(x: float | None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
+
+
+def _cpu(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
 
 
 def _machine_md(m: dict[str, Any]) -> list[str]:
@@ -228,11 +101,14 @@ def _throughput_md(rows: list[dict[str, Any]], repeats: int) -> list[str]:
         "`sample_idx`), identical for every method of a case, so GB/s ratios equal samples/s "
         "ratios. `limit` sends one batch per message; `limit@msg` sends messages of the size "
         "lensfeed packs for that batch (`feed.batches_per_message` auto), so `x limit@msg` "
-        "compares like with like.",
+        "compares like with like. CPU s/GB: CPU seconds of both processes together (producer "
+        "and trainer; the limit's sender and receiver) per GB delivered over the timed repeats, "
+        "from `/proc/<pid>/stat` sampled every 20 ms; `CPU x limit@msg` divides by the limit's "
+        "at the same message size (lower is better).",
         "",
         "| payload | order | method | samples/s | GB/s | x limit | x limit@msg "
-        "| x limit+malloc | x original | x DL w0 | x DL w2 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| x limit+malloc | x original | x DL w0 | x DL w2 | CPU s/GB | CPU x limit@msg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     case_order = {c.key: i for i, c in enumerate(CASES)}
@@ -249,7 +125,8 @@ def _throughput_md(rows: list[dict[str, Any]], repeats: int) -> list[str]:
             f"{r['method']} | {_rate_spread(r['samples_per_s'])} | "
             f"{_spread(r['gb_per_s'], fmt='{:.3f}')} | {_ratio(rt['limit'])} | "
             f"{_ratio(rt.get('limit@msg'))} | {_ratio(rt['limit+malloc'])} | "
-            f"{_ratio(rt['original'])} | {_ratio(rt['DL w0'])} | {_ratio(rt['DL w2'])} |"
+            f"{_ratio(rt['original'])} | {_ratio(rt['DL w0'])} | {_ratio(rt['DL w2'])} | "
+            f"{_cpu(r.get('cpu_s_per_gb'))} | {_ratio(r.get('cpu_ratio'))} |"
         )
     return lines
 
@@ -391,12 +268,4 @@ def update_readme(readme: Path, md: str) -> None:
     readme.write_text(pattern.sub(lambda _: f"{README_START}\n{md}{README_END}", text))
 
 
-__all__ = [
-    "METHOD_ORDER",
-    "NO_PROFILER",
-    "add_ratios",
-    "evaluate_targets",
-    "find_row",
-    "markdown",
-    "update_readme",
-]
+__all__ = ["NO_PROFILER", "markdown", "update_readme"]

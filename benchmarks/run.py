@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import gpu, machine, memory, plot, profiling, report, stall, throughput
+from benchmarks import gpu, machine, memory, plot, profiling, report, stall, targets, throughput
 from benchmarks.common import BENCH_DIR, Workdir, write_json
 from benchmarks.data import DEFAULT_DATA_DIR, ensure_dataset
 from benchmarks.feed import profiler
@@ -70,7 +70,7 @@ def _measure(
 ) -> Any:
     if section == "throughput":
         rows = throughput.run(work, settings, data, progress)
-        report.add_ratios(rows)
+        targets.add_ratios(rows)
         return rows
     if section == "stall":
         return stall.run(work, settings, data, progress)
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.rebuild:
         results = json.loads((out / "results.json").read_text())
-        results["targets"] = report.evaluate_targets(results)
+        results["targets"] = targets.evaluate_targets(results)
         _write(results, out, readme=readme)
         return 0
     sections = [s.strip() for s in (args.sections or ",".join(SECTIONS)).split(",") if s.strip()]
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress(f"child logs kept in {work.root}")
     results["elapsed_s"] = time.perf_counter() - t_start
     results["within_budget"] = results["elapsed_s"] <= settings.budget_s
-    results["targets"] = report.evaluate_targets(results)
+    results["targets"] = targets.evaluate_targets(results)
     _write(results, out, readme=readme and not results["errors"])
     progress(f"done in {results['elapsed_s']:.0f} s (budget {settings.budget_s:.0f} s)")
     for t in results["targets"]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import baselines
-from benchmarks.common import GB, Proc, Workdir, py, read_report, summarize
+from benchmarks.common import GB, Proc, ThreadCpu, Workdir, py, read_report, summarize
 from benchmarks.feed import FeedResult, run_feed
 from benchmarks.settings import BATCH, Case, Settings
 from lensfeed.producer.ahead import Ready
@@ -66,18 +66,32 @@ def measure_limit(
         py("benchmarks.limit", "send", *common, "--nbytes", str(pack * case.batch_bytes)),
         log=work.path(f"{name}-send.log"),
     )
+    cpu = ThreadCpu({"sender": send.pid, "receiver": recv.pid}, per_thread=False)
     try:
         if recv.wait(300) != 0:
             raise RuntimeError(f"limit receiver failed:\n{recv.tail()}")
         send.wait(30)
     finally:
+        cpu.stop()
         recv.kill()
         send.kill()
     r = read_report(report)
     rates = [count * pack * BATCH / t for t in r["round_s"]]
+    timed_bytes = len(r["round_s"]) * count * pack * BATCH * case.bytes_per_sample
     return _row(
-        case, method, None, rates, batches_per_repeat=count * pack, samples_per_message=pack * BATCH
+        case,
+        method,
+        None,
+        rates,
+        batches_per_repeat=count * pack,
+        samples_per_message=pack * BATCH,
+        cpu_s_per_gb=cpu_per_gb(cpu.total(r["round_wall"][0], r["round_wall"][-1]), timed_bytes),
     )
+
+
+def cpu_per_gb(cpu_s: float | None, nbytes: int) -> float | None:
+    """CPU seconds (both processes together) per GB of wire payload delivered."""
+    return cpu_s / (nbytes / GB) if cpu_s is not None and nbytes else None
 
 
 def steady_feed(
@@ -143,6 +157,7 @@ def measure_lensfeed(
         consumer_wait_s=timed["wait_s"],
         producer_cpu_s=res.producer["cpu_user_s"] + res.producer["cpu_sys_s"],
         consumer_cpu_s=res.consumer["cpu_user_s"] + res.consumer["cpu_sys_s"],
+        cpu_s_per_gb=cpu_per_gb(res.blocks_cpu_s, sum(b["bytes"] for b in res.blocks())),
     )
 
 
@@ -232,9 +247,15 @@ def run(
                 pooled,
                 batches_per_repeat=limit["batches_per_repeat"],
                 samples_per_message=BATCH,
+                cpu_s_per_gb=_mean_known(limit["cpu_s_per_gb"], again["cpu_s_per_gb"]),
             )
         )
     return rows
+
+
+def _mean_known(*xs: float | None) -> float | None:
+    known = [x for x in xs if x is not None]
+    return sum(known) / len(known) if known else None
 
 
 __all__ = ["run"]

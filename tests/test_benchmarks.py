@@ -59,7 +59,14 @@ def test_smoke_run_covers_every_section(tmp_path: Path) -> None:
         "no-ahead",
         "original",
     ]
-    assert len(results["targets"]) == 4
+    assert len(results["targets"]) == 5
+    # CPU per GB for every row measured in processes (lensfeed, every limit)
+    cpu = {
+        r["method"]: r.get("cpu_s_per_gb")
+        for r in results["throughput"]
+        if "limit" in r["method"] or r["method"] == "lensfeed"
+    }
+    assert all(x is not None and x > 0 for x in cpu.values()), cpu
     prof = results["profile"]
     assert [t["case"] for t in prof["threads"]] == ["tok128", "act4"]
     if prof["profiler"]:
@@ -107,3 +114,21 @@ def test_profile_summary_keeps_the_data_path(tmp_path: Path) -> None:
         ("TokenColumn.gather (producer/shard.py)", 70.0),
         ("Poller.poll (sugar/poll.py)", 30.0),
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_activation_benchmark_runs_three_ways(tmp_path: Path) -> None:
+    """The raw-forward / seed-loop / lensfeed comparison at toy sizes (numbers mean nothing)."""
+    pytest.importorskip("transformers")
+    small = ["--hidden", "32", "--layers", "2", "--seq-len", "16", "--batch", "8"]
+    cmd = [sys.executable, "-m", "benchmarks.activations", *small, "--cycle-size", "32"]
+    cmd += ["--cycles", "2", "--throughput-cycles", "2", "--repeats", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = json.loads((tmp_path / "activations.json").read_text())
+    assert res["raw_samples_per_s"] > 0
+    assert res["feed_samples_per_s"] > 0
+    assert res["seed_wall_s"] > 0
+    assert res["lensfeed_wall_s"] > 0
+    assert "end-to-end speed-up over the seed" in (tmp_path / "activations.md").read_text()
