@@ -87,27 +87,32 @@ def message_bytes(row: dict[str, Any]) -> int:
 
 
 def _cpu_target(rows: list[dict[str, Any]]) -> Target | None:
-    vals = []
+    """CPU per byte against the limit at lensfeed's message size, for the same cases as the
+    throughput target (batches >= 512 KiB); smaller batches are listed in the note: their cost
+    is per batch (gather, split, hand to the loop) where the limit moves one opaque message."""
+    vals, small = [], []
     for r in rows:
-        if r["method"] == "lensfeed" and r.get("cpu_ratio") and message_bytes(r) >= 512 * KiB:
-            shuf = "shuffled" if r["shuffle"] else "sequential"
-            vals.append(
-                (
-                    r["cpu_ratio"],
-                    f"{r['case']} {shuf} {r['cpu_ratio']:.2f}x "
-                    f"({r['cpu_s_per_gb']:.2f} CPU s/GB, {fmt_bytes(message_bytes(r))} msgs)",
-                )
-            )
+        if r["method"] != "lensfeed" or not r.get("cpu_ratio"):
+            continue
+        shuf = "shuffled" if r["shuffle"] else "sequential"
+        text = (
+            f"{r['case']} {shuf} {r['cpu_ratio']:.2f}x ({r['cpu_s_per_gb']:.2f} CPU s/GB, "
+            f"{fmt_bytes(message_bytes(r))} msgs)"
+        )
+        (vals if r["batch_bytes"] >= 512 * KiB else small).append((r["cpu_ratio"], text))
     if not vals:
         return None
     worst = max(v for v, _ in vals)
-    return {
+    target: Target = {
         "target": "<= 1.5x the raw limit's CPU seconds per GB (producer + trainer processes "
-        "against sender + receiver, same message size) for messages >= 512 KiB",
+        "against sender + receiver, same message size) for batch messages >= 512 KiB",
         "value": "; ".join(t for _, t in vals),
         "worst": worst,
         "ok": worst <= 1.5,
     }
+    if small:
+        target["note"] = "smaller batches, not in the target: " + "; ".join(t for _, t in small)
+    return target
 
 
 def _rate_target(rows: list[dict[str, Any]]) -> Target | None:
