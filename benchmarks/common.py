@@ -141,13 +141,22 @@ def self_report() -> dict[str, Any]:
     }
 
 
-def _cpu_ticks(stat: str) -> int | None:
-    """utime + stime (clock ticks) from a ``/proc/.../stat`` file; None once it is gone."""
+def cpu_s(pid: int | str = "self") -> float:
+    """CPU seconds of every live thread of ``pid``, to the nanosecond (the scheduler's own
+    ``/proc/<pid>/task/*/schedstat``; ``stat``'s clock ticks are 10 ms, too coarse for the short
+    windows of the fast cases). Threads that already ended are not counted; 0.0 once ``pid`` is
+    gone."""
+    total = 0
     try:
-        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return None
-    return int(fields[11]) + int(fields[12])
+        return 0.0
+    for tid in tids:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
 
 
 class ThreadCpu:
@@ -155,11 +164,8 @@ class ThreadCpu:
     report can say which thread spent the time in a window of the run (the producer's
     regeneration thread, either side's ZeroMQ I/O thread, the main loops)."""
 
-    def __init__(self, pids: dict[str, int], *, per_thread: bool = True) -> None:
+    def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
-        #: False: one ``/proc/<pid>/stat`` read per process and sample (every thread's CPU,
-        #: ended threads included, as "process"), light enough to run beside a throughput run.
-        self.per_thread = per_thread
         #: (wall time, {(side, tid): (thread name, CPU ticks)})
         self.series: list[tuple[float, dict[tuple[str, int], tuple[str, int]]]] = []
         self._stop = threading.Event()
@@ -169,11 +175,6 @@ class ThreadCpu:
     def _sample(self) -> None:
         snap: dict[tuple[str, int], tuple[str, int]] = {}
         for side, pid in self.pids.items():
-            if not self.per_thread:
-                ticks = _cpu_ticks(f"/proc/{pid}/stat")
-                if ticks is not None:
-                    snap[(side, pid)] = ("process", ticks)
-                continue
             try:
                 tids = os.listdir(f"/proc/{pid}/task")
             except OSError:
@@ -181,11 +182,11 @@ class ThreadCpu:
             for tid in tids:
                 try:
                     name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+                    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1]
                 except OSError:
                     continue
-                ticks = _cpu_ticks(f"/proc/{pid}/task/{tid}/stat")
-                if ticks is not None:
-                    snap[(side, int(tid))] = ("main" if int(tid) == pid else name, ticks)
+                utime, stime = (int(x) for x in fields.split()[11:13])
+                snap[(side, int(tid))] = ("main" if int(tid) == pid else name, utime + stime)
         self.series.append((time.time(), snap))
 
     def _run(self) -> None:
@@ -217,10 +218,6 @@ class ThreadCpu:
                 per = out.setdefault(key[0], {})
                 per[name] = per.get(name, 0.0) + spent / hz
         return out
-
-    def total(self, t0: float, t1: float) -> float:
-        """CPU seconds of every sampled process together between wall times ``t0`` and ``t1``."""
-        return sum(sum(per.values()) for per in self.between(t0, t1).values())
 
 
 # --------------------------------------------------------------------------- processes

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import AnonSampler, self_report, spend, write_json
+from benchmarks.common import AnonSampler, cpu_s, self_report, spend, write_json
 from lensfeed.common.config import LensfeedConfig, load_config
 from lensfeed.common.logs import setup_logging
 from lensfeed.common.malloc import tune_for_large_messages
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
                 boundary_wait = feed.stats.wait_s - wait_at_last_step
                 wait_first = feed.stats.wait_s
             if timed and n % args.block == 0:
-                marks.append((n, now, feed.stats.bytes, time.time()))
+                cpu = cpu_s() + (cpu_s(args.producer_pid) if args.producer_pid else 0.0)
+                marks.append((n, now, feed.stats.bytes, cpu))
             if args.step_s:
                 spend(args.step_s, args.step_mode)
             elif cuda:
@@ -107,10 +108,9 @@ def run(args: argparse.Namespace, cfg: LensfeedConfig) -> dict[str, Any]:
                         "batches": n1 - n0,
                         "seconds": t1 - t0,
                         "bytes": b1 - b0,
-                        "wall_start": w0,  # wall clock: lines up with /proc CPU samples
-                        "wall_end": w1,
+                        "cpu_s": c1 - c0,  # this process and the producer together
                     }
-                    for (n0, t0, b0, w0), (n1, t1, b1, w1) in zip(
+                    for (n0, t0, b0, c0), (n1, t1, b1, c1) in zip(
                         marks[:-1], marks[1:], strict=True
                     )
                 ],
@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--step-s", type=float, default=0.0, help="simulated training step per batch")
     p.add_argument("--step-mode", choices=("sleep", "busy"), default="sleep")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--producer-pid", type=int, default=0, help="its CPU is read at block marks")
     p.add_argument(
         "--tensor",
         action="append",

@@ -21,8 +21,6 @@ class FeedResult:
     profiles: dict[str, Path]
     #: ``side -> thread -> CPU seconds`` over the timed cycles (``run_feed(thread_cpu=True)``)
     threads: dict[str, dict[str, float]] | None = None
-    #: CPU seconds of both processes together over the steady-state blocks (``--block``)
-    blocks_cpu_s: float | None = None
 
     def timed_cycles(self) -> list[dict[str, Any]]:
         """Complete cycles after the warm-up."""
@@ -131,17 +129,17 @@ def run_feed(
     producer = Proc(
         _wrap([*p_cmd, "--", *ov], profiles.get("producer")), log=work.path(f"{name}-p.log")
     )
+    c_cmd += ["--producer-pid", str(producer.pid)]  # the consumer reads both CPU times
     consumer = Proc(
         _wrap([*c_cmd, "--", *ov], profiles.get("trainer")), log=work.path(f"{name}-c.log")
     )
-    # Per-thread sampling reads every thread's /proc files; the default reads one file per
-    # process per sample, cheap enough not to slow what it measures.
-    sampler = ThreadCpu({"producer": producer.pid, "trainer": consumer.pid}, per_thread=thread_cpu)
+    sampler = ThreadCpu({"producer": producer.pid, "trainer": consumer.pid}) if thread_cpu else None
     try:
         c_code = consumer.wait(timeout_s)
         p_code = producer.wait(30)
     finally:
-        sampler.stop()
+        if sampler:
+            sampler.stop()
         consumer.kill()
         producer.kill()
     if c_code != 0 or not c_report.is_file():
@@ -150,11 +148,8 @@ def run_feed(
         raise RuntimeError(f"{name}: producer failed ({p_code}):\n{producer.tail()}")
     result = FeedResult(read_report(c_report), read_report(p_report), profiles)
     timed = result.timed_cycles()
-    if thread_cpu and timed:
+    if sampler and timed:
         result.threads = sampler.between(timed[0]["wall_start"], timed[-1]["wall_end"])
-    blocks = result.blocks()
-    if blocks:
-        result.blocks_cpu_s = sampler.total(blocks[0]["wall_start"], blocks[-1]["wall_end"])
     return result
 
 

@@ -2,8 +2,10 @@
 
 Each message is ``[msgpack header, raw payload]`` sent with ``copy=False``, the same bytes per
 batch as the lensfeed message (all tensor frames together) over the same transport (``ipc://``).
-The sender binds (like the producer), the receiver connects (like the trainer). High-water marks
-on both sides equal the lensfeed prefetch depth, so neither side buffers more than lensfeed may.
+The sender binds (like the producer), the receiver connects (like the trainer) and reads both
+processes' CPU time at each round's end; the sender waits, idle, until it is stopped. High-water
+marks on both sides equal the lensfeed prefetch depth, so neither side buffers more than
+lensfeed may.
 
 ::
 
@@ -17,6 +19,7 @@ Round ``r`` takes from the last message of round ``r-1`` to the last message of 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +29,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from benchmarks.common import self_report, write_json
+from benchmarks.common import cpu_s, self_report, write_json
 from lensfeed.common.malloc import tune_for_large_messages
 
 
@@ -54,15 +57,18 @@ def send(endpoint: str, nbytes: int, count: int, rounds: int, hwm: int) -> None:
             seq += 1
     sock.close()  # LINGER=-1: returns once everything is handed to the peer
     ctx.term()
+    # Stay alive, idle, until stopped: the receiver reads this process's CPU time at the end
+    # of its last round, after this one has sent everything.
+    signal.pause()
 
 
-def recv(endpoint: str, count: int, rounds: int, hwm: int, report: Path) -> None:
+def recv(endpoint: str, count: int, rounds: int, hwm: int, report: Path, peer_pid: int = 0) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.connect(endpoint)
     times: list[float] = []
-    walls: list[float] = []  # wall clock at each round's end: lines up with /proc CPU samples
+    cpus: list[float] = []  # CPU seconds of both processes at each round's end
     nbytes = 0
     t_prev = 0.0
     for r in range(rounds):
@@ -72,7 +78,7 @@ def recv(endpoint: str, count: int, rounds: int, hwm: int, report: Path) -> None
             assert header["cycle"] == r
             nbytes = len(frames[1].buffer)
         now = time.perf_counter()
-        walls.append(time.time())
+        cpus.append(cpu_s() + (cpu_s(peer_pid) if peer_pid else 0.0))
         if r > 0:
             times.append(now - t_prev)
         t_prev = now
@@ -80,7 +86,7 @@ def recv(endpoint: str, count: int, rounds: int, hwm: int, report: Path) -> None
     ctx.term()
     write_json(
         report,
-        {"round_s": times, "round_wall": walls, "count": count, "nbytes": nbytes, **self_report()},
+        {"round_s": times, "round_cpu_s": cpus, "count": count, "nbytes": nbytes, **self_report()},
     )
 
 
@@ -93,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, required=True, help="rounds, the first is warm-up")
     p.add_argument("--hwm", type=int, default=8)
     p.add_argument("--report", type=Path)
+    p.add_argument("--peer-pid", type=int, default=0, help="the sender, whose CPU is read too")
     p.add_argument(
         "--tune-malloc",
         action="store_true",
@@ -105,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         send(a.endpoint, a.nbytes, a.count, a.rounds, a.hwm)
     else:
         assert a.report is not None
-        recv(a.endpoint, a.count, a.rounds, a.hwm, a.report)
+        recv(a.endpoint, a.count, a.rounds, a.hwm, a.report, a.peer_pid)
     return 0
 
 

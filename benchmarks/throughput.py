@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import baselines
-from benchmarks.common import GB, Proc, ThreadCpu, Workdir, py, read_report, summarize
+from benchmarks.common import GB, Proc, Workdir, py, read_report, summarize
 from benchmarks.feed import FeedResult, run_feed
 from benchmarks.settings import BATCH, Case, Settings
 from lensfeed.producer.ahead import Ready
@@ -57,22 +57,21 @@ def measure_limit(
     report = work.path(f"{name}.json")
     rounds = settings.repeats + 1
     common = ["--endpoint", endpoint, "--count", str(count), "--rounds", str(rounds)]
-    recv = Proc(
-        py("benchmarks.limit", "recv", *common, "--report", str(report))
-        + (["--tune-malloc"] if tuned else []),
-        log=work.path(f"{name}-recv.log"),
-    )
+    # The sender first: the receiver reads its CPU time at each round's end, with its own.
     send = Proc(
         py("benchmarks.limit", "send", *common, "--nbytes", str(pack * case.batch_bytes)),
         log=work.path(f"{name}-send.log"),
     )
-    cpu = ThreadCpu({"sender": send.pid, "receiver": recv.pid}, per_thread=False)
+    recv = Proc(
+        py("benchmarks.limit", "recv", *common, "--report", str(report))
+        + ["--peer-pid", str(send.pid)]
+        + (["--tune-malloc"] if tuned else []),
+        log=work.path(f"{name}-recv.log"),
+    )
     try:
         if recv.wait(300) != 0:
-            raise RuntimeError(f"limit receiver failed:\n{recv.tail()}")
-        send.wait(30)
-    finally:
-        cpu.stop()
+            raise RuntimeError(f"limit receiver failed:\n{recv.tail()}\n{send.tail()}")
+    finally:  # the sender has sent everything and waits to be stopped
         recv.kill()
         send.kill()
     r = read_report(report)
@@ -85,7 +84,7 @@ def measure_limit(
         rates,
         batches_per_repeat=count * pack,
         samples_per_message=pack * BATCH,
-        cpu_s_per_gb=cpu_per_gb(cpu.total(r["round_wall"][0], r["round_wall"][-1]), timed_bytes),
+        cpu_s_per_gb=cpu_per_gb(r["round_cpu_s"][-1] - r["round_cpu_s"][0], timed_bytes),
     )
 
 
@@ -157,7 +156,9 @@ def measure_lensfeed(
         consumer_wait_s=timed["wait_s"],
         producer_cpu_s=res.producer["cpu_user_s"] + res.producer["cpu_sys_s"],
         consumer_cpu_s=res.consumer["cpu_user_s"] + res.consumer["cpu_sys_s"],
-        cpu_s_per_gb=cpu_per_gb(res.blocks_cpu_s, sum(b["bytes"] for b in res.blocks())),
+        cpu_s_per_gb=cpu_per_gb(
+            sum(b["cpu_s"] for b in res.blocks()), sum(b["bytes"] for b in res.blocks())
+        ),
     )
 
 
