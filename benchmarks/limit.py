@@ -2,10 +2,10 @@
 
 Each message is ``[msgpack header, raw payload]`` sent with ``copy=False``, the same bytes per
 batch as the lensfeed message (all tensor frames together) over the same transport (``ipc://``).
-The sender binds (like the producer), the receiver connects (like the trainer) and reads both
-processes' CPU time at each round's end; the sender waits, idle, until it is stopped. High-water
-marks on both sides equal the lensfeed prefetch depth, so neither side buffers more than
-lensfeed may.
+The sender binds (like the producer), the receiver connects (like the trainer). High-water marks
+on both sides equal the lensfeed prefetch depth, so neither side buffers more than lensfeed may.
+The receiver reads both processes' CPU time at each round's end, so the sender, once done,
+waits idle until it is stopped.
 
 ::
 
@@ -55,10 +55,9 @@ def send(endpoint: str, nbytes: int, count: int, rounds: int, hwm: int) -> None:
             }
             sock.send_multipart([msgpack.packb(header, use_bin_type=True), view], copy=False)
             seq += 1
-    sock.close()  # LINGER=-1: returns once everything is handed to the peer
-    ctx.term()
-    # Stay alive, idle, until stopped: the receiver reads this process's CPU time at the end
-    # of its last round, after this one has sent everything.
+    # Stay alive, idle, with the socket and its I/O thread open, until stopped: the receiver
+    # reads this process's CPU time (every live thread's) at the end of each round, the last
+    # one included, and a thread that ended would take its time with it.
     signal.pause()
 
 

@@ -39,10 +39,6 @@ def _ratio(x: float | None) -> str:
     return f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
 
 
-def _cpu(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2f}"
-
-
 def _machine_md(m: dict[str, Any]) -> list[str]:
     return [
         f"- **Machine:** {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
@@ -103,8 +99,9 @@ def _throughput_md(rows: list[dict[str, Any]], repeats: int) -> list[str]:
         "lensfeed packs for that batch (`feed.batches_per_message` auto), so `x limit@msg` "
         "compares like with like. CPU s/GB: CPU seconds of both processes together (producer "
         "and trainer; the limit's sender and receiver) per GB delivered over the timed repeats, "
-        "from `/proc/<pid>/stat` sampled every 20 ms; `CPU x limit@msg` divides by the limit's "
-        "at the same message size (lower is better).",
+        "read at each repeat's edges (the scheduler's per-thread run time), median [min–max]; "
+        "`CPU x limit@msg` divides the medians by the limit's at the same message size "
+        "(lower is better).",
         "",
         "| payload | order | method | samples/s | GB/s | x limit | x limit@msg "
         "| x limit+malloc | x original | x DL w0 | x DL w2 | CPU s/GB | CPU x limit@msg |",
@@ -126,7 +123,8 @@ def _throughput_md(rows: list[dict[str, Any]], repeats: int) -> list[str]:
             f"{_spread(r['gb_per_s'], fmt='{:.3f}')} | {_ratio(rt['limit'])} | "
             f"{_ratio(rt.get('limit@msg'))} | {_ratio(rt['limit+malloc'])} | "
             f"{_ratio(rt['original'])} | {_ratio(rt['DL w0'])} | {_ratio(rt['DL w2'])} | "
-            f"{_cpu(r.get('cpu_s_per_gb'))} | {_ratio(r.get('cpu_ratio'))} |"
+            f"{_spread(r['cpu_s_per_gb']) if r.get('cpu_s_per_gb') else '–'} | "
+            f"{_ratio(r.get('cpu_ratio'))} |"
         )
     return lines
 

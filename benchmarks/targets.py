@@ -51,8 +51,14 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         mine = _median(r)
         r["ratios"] = {k: (mine / _median(v) if v else None) for k, v in ref.items()}
         # CPU per byte against the limit at the same message size (lower is better)
-        cpu, cpu_ref = r.get("cpu_s_per_gb"), (ref["limit@msg"] or {}).get("cpu_s_per_gb")
+        cpu, cpu_ref = _cpu_median(r), _cpu_median(ref["limit@msg"])
         r["cpu_ratio"] = cpu / cpu_ref if cpu and cpu_ref else None
+
+
+def _cpu_median(row: dict[str, Any] | None) -> float | None:
+    """Median CPU seconds per GB of a row (None where not measured, e.g. in-process baselines)."""
+    cpu = (row or {}).get("cpu_s_per_gb")
+    return cpu["median"] if cpu and cpu.get("n") else None
 
 
 # --------------------------------------------------------------------------- targets
@@ -96,7 +102,7 @@ def _cpu_target(rows: list[dict[str, Any]]) -> Target | None:
             continue
         shuf = "shuffled" if r["shuffle"] else "sequential"
         text = (
-            f"{r['case']} {shuf} {r['cpu_ratio']:.2f}x ({r['cpu_s_per_gb']:.2f} CPU s/GB, "
+            f"{r['case']} {shuf} {r['cpu_ratio']:.2f}x ({_cpu_median(r):.2f} CPU s/GB, "
             f"{fmt_bytes(message_bytes(r))} msgs)"
         )
         (vals if r["batch_bytes"] >= 512 * KiB else small).append((r["cpu_ratio"], text))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,8 @@ def measure_limit(
         send.kill()
     r = read_report(report)
     rates = [count * pack * BATCH / t for t in r["round_s"]]
-    timed_bytes = len(r["round_s"]) * count * pack * BATCH * case.bytes_per_sample
+    round_bytes = count * pack * BATCH * case.bytes_per_sample
+    cpus = r["round_cpu_s"]
     return _row(
         case,
         method,
@@ -84,13 +86,8 @@ def measure_limit(
         rates,
         batches_per_repeat=count * pack,
         samples_per_message=pack * BATCH,
-        cpu_s_per_gb=cpu_per_gb(r["round_cpu_s"][-1] - r["round_cpu_s"][0], timed_bytes),
+        cpu_s_per_gb=summarize([(c1 - c0) / (round_bytes / GB) for c0, c1 in pairwise(cpus)]),
     )
-
-
-def cpu_per_gb(cpu_s: float | None, nbytes: int) -> float | None:
-    """CPU seconds (both processes together) per GB of wire payload delivered."""
-    return cpu_s / (nbytes / GB) if cpu_s is not None and nbytes else None
 
 
 def steady_feed(
@@ -156,9 +153,7 @@ def measure_lensfeed(
         consumer_wait_s=timed["wait_s"],
         producer_cpu_s=res.producer["cpu_user_s"] + res.producer["cpu_sys_s"],
         consumer_cpu_s=res.consumer["cpu_user_s"] + res.consumer["cpu_sys_s"],
-        cpu_s_per_gb=cpu_per_gb(
-            sum(b["cpu_s"] for b in res.blocks()), sum(b["bytes"] for b in res.blocks())
-        ),
+        cpu_s_per_gb=summarize([b["cpu_s"] / (b["bytes"] / GB) for b in res.blocks()]),
     )
 
 
@@ -248,15 +243,12 @@ def run(
                 pooled,
                 batches_per_repeat=limit["batches_per_repeat"],
                 samples_per_message=BATCH,
-                cpu_s_per_gb=_mean_known(limit["cpu_s_per_gb"], again["cpu_s_per_gb"]),
+                cpu_s_per_gb=summarize(
+                    limit["cpu_s_per_gb"]["values"] + again["cpu_s_per_gb"]["values"]
+                ),
             )
         )
     return rows
-
-
-def _mean_known(*xs: float | None) -> float | None:
-    known = [x for x in xs if x is not None]
-    return sum(known) / len(known) if known else None
 
 
 __all__ = ["run"]
