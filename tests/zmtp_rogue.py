@@ -11,7 +11,8 @@ mechanism only).
 (``ipc://PATH`` or ``tcp://127.0.0.1:PORT``), accepts one connection and stops listening, does
 the handshake as a ROUTER, reads the peer's first message (lensfeed's ``hello``), sends frames of
 N bytes, every one with MORE set, until at least M bytes are on the wire, then idles: it answers
-PINGs (the connection stays alive) and exits 0 when the peer closes it.
+PINGs (the connection stays alive) and exits 0 when the peer closes it. With ``--connect`` it
+does the same to a producer: connects to ENDPOINT as a DEALER and streams the frames to it.
 """
 
 from __future__ import annotations
@@ -88,37 +89,61 @@ def listen(endpoint: str) -> socket.socket:
     return srv
 
 
+def _handshake(conn: socket.socket, socket_type: bytes) -> None:
+    conn.sendall(GREETING)
+    greeting = recv_exact(conn, 64)
+    if greeting[0] != 0xFF or greeting[9] != 0x7F or greeting[12:16] != b"NULL":
+        raise ValueError(f"not a ZMTP/3 NULL greeting: {greeting!r}")
+    conn.sendall(ready(socket_type))
+    flags, body = read_frame(conn)
+    if not flags & COMMAND or not body.startswith(b"\x05READY"):
+        raise ValueError(f"expected READY, got {body[:32]!r}")
+
+
+def _stream(conn: socket.socket, *, frame_bytes: int, total_bytes: int) -> int:
+    """Frames with MORE set until ``total_bytes`` are out, then idle until the peer closes."""
+    one = frame_header(frame_bytes, MORE) + bytes(frame_bytes)
+    chunk = one * max(1, (1 << 20) // len(one))  # small frames go out ~1 MiB at a time
+    sent = 0
+    print(f"zmtp_rogue: streaming {frame_bytes}-byte frames", flush=True)
+    while sent < total_bytes:
+        conn.sendall(chunk)
+        sent += len(chunk)
+    frames = sent // len(one)
+    print(f"zmtp_rogue: streamed {sent} bytes in {frames} frames; idle", flush=True)
+    try:
+        while True:
+            read_frame(conn)
+    except (EOFError, ConnectionError):  # a PING already read may meet a closed socket
+        print("zmtp_rogue: the peer closed the connection", flush=True)
+    return sent
+
+
 def serve(endpoint: str, *, frame_bytes: int, total_bytes: int) -> int:
-    """One connection, as the module docstring says; the bytes of data frames sent."""
+    """As a producer: one connection, as the module docstring says; the data bytes sent."""
     with listen(endpoint) as srv:
         print(f"zmtp_rogue: listening at {endpoint}", flush=True)
         conn, _ = srv.accept()  # and no other: a reconnect finds nobody listening
     with conn:
-        conn.sendall(GREETING)
-        greeting = recv_exact(conn, 64)
-        if greeting[0] != 0xFF or greeting[9] != 0x7F or greeting[12:16] != b"NULL":
-            raise ValueError(f"not a ZMTP/3 NULL greeting: {greeting!r}")
-        conn.sendall(ready(b"ROUTER"))
-        flags, body = read_frame(conn)
-        if not flags & COMMAND or not body.startswith(b"\x05READY"):
-            raise ValueError(f"expected READY, got {body[:32]!r}")
+        _handshake(conn, b"ROUTER")
         while read_frame(conn)[0] & (MORE | COMMAND):
-            pass  # the rest of the first message
-        one = frame_header(frame_bytes, MORE) + bytes(frame_bytes)
-        chunk = one * max(1, (1 << 20) // len(one))  # small frames go out ~1 MiB at a time
-        sent = 0
-        print(f"zmtp_rogue: hello read; streaming {frame_bytes}-byte frames", flush=True)
-        while sent < total_bytes:
-            conn.sendall(chunk)
-            sent += len(chunk)
-        frames = sent // len(one)
-        print(f"zmtp_rogue: streamed {sent} bytes in {frames} frames; idle", flush=True)
-        try:
-            while True:
-                read_frame(conn)
-        except (EOFError, ConnectionError):  # a PING already read may meet a closed socket
-            print("zmtp_rogue: the peer closed the connection", flush=True)
-    return sent
+            pass  # the rest of the first message (the hello)
+        print("zmtp_rogue: hello read", flush=True)
+        return _stream(conn, frame_bytes=frame_bytes, total_bytes=total_bytes)
+
+
+def attack(endpoint: str, *, frame_bytes: int, total_bytes: int) -> int:
+    """As a trainer: connect to a producer's ROUTER and stream the unfinished message to it."""
+    if endpoint.startswith("ipc://"):
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(endpoint[len("ipc://") :])
+    elif endpoint.startswith("tcp://127.0.0.1:"):
+        conn = socket.create_connection(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])))
+    else:
+        raise ValueError(f"only ipc://PATH and tcp://127.0.0.1:PORT are supported: {endpoint}")
+    with conn:
+        _handshake(conn, b"DEALER")
+        return _stream(conn, frame_bytes=frame_bytes, total_bytes=total_bytes)
 
 
 def main(argv: list[str]) -> None:
@@ -126,8 +151,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("endpoint")
     parser.add_argument("--frame-bytes", type=int, default=1 << 20)
     parser.add_argument("--total-bytes", type=int, default=64 << 20)
+    parser.add_argument(
+        "--connect", action="store_true", help="attack the producer at ENDPOINT instead"
+    )
     args = parser.parse_args(argv)
-    serve(args.endpoint, frame_bytes=args.frame_bytes, total_bytes=args.total_bytes)
+    run = attack if args.connect else serve
+    run(args.endpoint, frame_bytes=args.frame_bytes, total_bytes=args.total_bytes)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ run: ``python -m tests.fuzz --messages 100000``.
 from __future__ import annotations
 
 import random
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import pytest
 
 from lensfeed.common.config import load_config
 from lensfeed.common.spec import DataSpec
-from tests.fuzz import STATES, FuzzReport, Generator, Oracle, run_fuzz
+from tests._util import REPO, child_env, python_cmd
+from tests.fuzz import STATES, Fuzz, FuzzReport, Generator, Oracle, check_service, run_fuzz
 
 MESSAGES = 3000
 SEED = 0
@@ -119,3 +121,61 @@ def test_oracle_matches_the_worked_example_of_the_protocol() -> None:
     assert rows == [[[4, 0, 2], [1, 3, 3], [2, 0, 1]], [[0, 3, 4], [2, 1, 4]]]
     plain = Oracle(3, 7, 10, 0, False, shard_rows=5)
     np.testing.assert_array_equal(plain.sample_idx(1, 1), [2, 3, 4])  # positions 12..14
+
+
+#: What tests/zmtp_rogue.py --connect sends the producer: 64 KiB frames (its MAXMSGSIZE) of one
+#: message that never ends, 64 MiB in all.
+UNFINISHED_BYTES = 64 << 20
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_an_unfinished_message_costs_memory_but_never_the_service(tmp_path: Path) -> None:
+    """A peer that speaks ZMTP by hand streams the producer frames of one multipart message,
+    every one with MORE set, then idles, answering heartbeats. libzmq holds such frames without
+    limit (it delivers a message only whole; RCVHWM counts whole messages): the one input it
+    does not bound, so the producer's memory grows with what the peer sends (see
+    docs/protocol.md, section 11: only a peer that can speak to the socket can do it, which
+    ipc's 0700 directory and CURVE restrict). What must hold: the producer never sees a
+    message, keeps serving a legitimate trainer byte for byte while the peer holds its
+    unfinished message and after it leaves, and its growth stays within what was sent.
+    """
+    with Fuzz(seed=SEED, workdir=tmp_path) as fuzz:
+        fuzz.start_producer()
+        rss0, _ = fuzz.producer.memory()
+        rogue = subprocess.Popen(
+            python_cmd(
+                "tests.zmtp_rogue",
+                fuzz.endpoint,
+                "--connect",
+                "--frame-bytes",
+                str(64 << 10),
+                "--total-bytes",
+                str(UNFINISHED_BYTES),
+            ),
+            cwd=REPO,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert rogue.stdout is not None
+            lines = []
+            for line in rogue.stdout:  # ends when the rogue has streamed everything (or died)
+                lines.append(line)
+                if "; idle" in line:
+                    break
+            assert any("; idle" in x for x in lines), "".join(lines)
+            rss1, _ = fuzz.producer.memory()
+            during = check_service(fuzz.endpoint, fuzz.spec, fuzz.oracle, timeout_s=30.0)
+        finally:
+            rogue.kill()
+            rogue.wait(timeout=10)
+        after = check_service(fuzz.endpoint, fuzz.spec, fuzz.oracle, timeout_s=30.0)
+        growth_mib = (rss1 - rss0) / 2**20
+        print(f"producer RSS +{growth_mib:.0f} MiB for {UNFINISHED_BYTES >> 20} MiB of frames")
+        assert fuzz.producer.alive(), fuzz.producer.log_tail()
+        assert during is None, during
+        assert after is None, after
+        assert growth_mib < (UNFINISHED_BYTES >> 20) + 64
