@@ -1,4 +1,4 @@
-"""A CI-sized protocol fuzz of a real producer process (the fuzzer is ``tests/fuzz.py``).
+"""A CI-sized protocol fuzz of a real producer process (the fuzzer is ``tests/fuzz/``).
 
 About 3,000 hostile messages per protocol state (no session, a session that misbehaves itself,
 a trainer streaming meanwhile), from one fixed seed: the producer must not die, its memory and
