@@ -118,7 +118,9 @@ class FeedClient:
             contract=TensorContract(spec, tensors),
             keys=client_keys(keys_dir) if keys_dir else None,
             # Every batch message spends >= 1 credit: a conforming producer never has more
-            # than the window (<= prefetch) queued, plus a few control messages.
+            # than the window (<= prefetch) queued, plus a few control messages. Not smaller:
+            # at RCVHWM libzmq stops reading the connection, heartbeats included, so a long
+            # training step over a full queue would end in a heartbeat timeout.
             max_queued=prefetch + 16,
         )
         #: Opens each session (the first, and after a loss) and resends what a lost one owed.
