@@ -24,8 +24,9 @@ for the GPU and the other is left to the feed. The model is a tiny ``Gemma2ForCa
 from ``Gemma2Config`` and saved with ``save_pretrained`` (nothing is downloaded; needs
 ``transformers``), or lensfeed's own tiny model (``--model tiny``).
 
-Run: ``python -m benchmarks.activations [--cycles 8] [--repeats 5]``; writes
-``benchmarks/results/activations.json`` and ``activations.md``.
+On a GPU node, ``--device cuda --dtype bfloat16`` puts the model, the seed's cache and the
+client's batches on the GPU. Run: ``python -m benchmarks.activations [--cycles 8] [--repeats 5]``;
+writes ``benchmarks/results/activations.json`` and ``activations.md``.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def overrides(args: argparse.Namespace, data: Path, model: str, sock_dir: Path) 
         f"activations.model={model}",
         f"activations.layer={args.layers - 1}",
         f"activations.forward_batch_size={args.batch}",
+        f"activations.device={args.device}",
+        f"activations.dtype={args.dtype}",
         *(hidden if model == "tiny" else []),
         f"feed.endpoint=ipc://{sock_dir}/activations.sock",
         "feed.prepare_ahead=true",
@@ -106,8 +109,15 @@ class Forward:
 
     def __init__(self, cfg: LensfeedConfig, seq_len: int) -> None:
         act = cfg.activations
+        self.device = torch.device(act.device)
+        cuda = self.device.type == "cuda"
+        # As the builder: the configured dtype on CUDA, float32 on CPU (cast when served).
+        self.dtype = getattr(torch, act.dtype)
         self.model = models.load_model(
-            act.model, tiny=act.tiny, device=torch.device("cpu"), dtype=torch.float32
+            act.model,
+            tiny=act.tiny,
+            device=self.device,
+            dtype=self.dtype if cuda else torch.float32,
         )
         layer = models.resolve_layer(act.layer, models.model_layers(self.model, spec=act.model))
         assert layer is not None
@@ -116,11 +126,16 @@ class Forward:
         self.lo, self.hi = max(1, act.min_pos), seq_len
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """One activation per row at a drawn position."""
-        pos = torch.from_numpy(self.rng.integers(self.lo, self.hi, len(ids)))
+        """One activation per row at a drawn position (left on the model's device)."""
+        pos = torch.from_numpy(self.rng.integers(self.lo, self.hi, len(ids))).to(self.device)
         with torch.inference_mode():
-            h = models.hidden_state(self.model, ids, self.layer)
-            return h[torch.arange(len(ids)), pos].contiguous()
+            h = models.hidden_state(self.model, ids.to(self.device), self.layer)
+            return h[torch.arange(len(ids), device=self.device), pos].to(self.dtype).contiguous()
+
+    def sync(self) -> None:
+        """Wait for queued GPU work, so a timer stops when the work is done."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def raw_forward(fwd: Forward, tokens: torch.Tensor, *, cycle: int, batch: int) -> float:
@@ -128,6 +143,7 @@ def raw_forward(fwd: Forward, tokens: torch.Tensor, *, cycle: int, batch: int) -
     t0 = time.perf_counter()
     for i in range(0, cycle, batch):
         fwd(tokens[i : i + batch])
+    fwd.sync()
     return time.perf_counter() - t0
 
 
@@ -157,7 +173,9 @@ class SeedLoop:
             for i in range(0, self.cycle, self.batch)
         ]
         cache = torch.cat(acts)
-        return cache[torch.from_numpy(self.rng.permutation(len(cache)))]
+        cache = cache[torch.from_numpy(self.rng.permutation(len(cache))).to(cache.device)]
+        self.fwd.sync()
+        return cache
 
     def run(self, cycles: int) -> dict[str, Any]:
         """``cycles`` cycles of regenerate-then-train where each cycle's training costs exactly
@@ -180,7 +198,13 @@ class SeedLoop:
 
 
 def run_lensfeed(
-    over: list[str], work: Path, *, steps_s: list[float], threads: int, name: str
+    over: list[str],
+    work: Path,
+    *,
+    steps_s: list[float],
+    threads: int,
+    name: str,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """A producer process and a FeedClient here: one cycle per entry of ``steps_s`` (the sleep
     per batch of that cycle's training); wall time from the first request (the producer's model
@@ -191,7 +215,7 @@ def run_lensfeed(
         OMP_NUM_THREADS=str(threads),
     )
     try:
-        feed = FeedClient.from_config(load_config(None, over), 0)
+        feed = FeedClient.from_config(load_config(None, over), 0, device=device)
         feed.connect()
         w0 = feed.stats.wait_s
         t0 = time.perf_counter()
@@ -264,12 +288,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             work,
             steps_s=[0.0] * args.throughput_cycles,
             threads=args.threads,
+            device=args.device,
             name=f"feed{r}",
         )
         raw = (raw_before + raw_rate()) / 2
         seed_run = seed.run(args.cycles)
         steps = seed_run["steps_s"]
-        lens = run_lensfeed(over, work, steps_s=steps, threads=args.threads, name=f"e2e{r}")
+        lens = run_lensfeed(
+            over, work, steps_s=steps, threads=args.threads, name=f"e2e{r}", device=args.device
+        )
         train_s = sum(steps) * batches
         repeats.append(
             {
@@ -327,7 +354,8 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"{model}, read layer {s['layers'] - 1}, seq {s['seq_len']}, batch and forward chunk "
-            f"{s['batch']}, cycle {s['cycle_size']} samples, float32, CPU, {s['threads']} torch "
+            f"{s['batch']}, cycle {s['cycle_size']} samples, {s['dtype']} on {s['device']}, "
+            f"{s['threads']} torch "
             f"thread(s) per process. {s['repeats']} repeats, each pairing its measurements; "
             "medians of the per-repeat ratios (each repeat's in brackets). Training step: "
             f"{res['step_s'] * 1e3:.1f} ms/batch (sleep, median): each seed cycle trains for "
@@ -364,6 +392,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--throughput-cycles", type=int, default=6)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where the model runs (and batches land)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="activation dtype (the model computes in it on CUDA, in float32 on CPU)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     res = measure(args)
