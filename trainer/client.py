@@ -43,7 +43,7 @@ from lensfeed.trainer.contract import TensorContract, TensorSpec
 from lensfeed.trainer.credits import CreditWindow
 from lensfeed.trainer.cursor import cursor_state, resume_point, state_cursor
 from lensfeed.trainer.cycles import Cycle, FeedStats
-from lensfeed.trainer.device import Staged, Stager, release_cycle_memory
+from lensfeed.trainer.device import Staged, Stager, freeze_setup_objects, release_cycle_memory
 from lensfeed.trainer.reconnect import Reconnector
 from lensfeed.trainer.session import Session
 
@@ -184,6 +184,8 @@ class FeedClient:
         except LensfeedError as exc:
             self._failed = exc
             raise
+        if self.cleanup_each_cycle:
+            freeze_setup_objects()  # before training, not at the first cycle boundary
         return self.welcome
 
     def _recover(self, cause: str) -> None:

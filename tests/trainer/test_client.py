@@ -196,9 +196,13 @@ def test_cleanup_runs_gc_and_empty_cache_each_cycle(fake, spec, monkeypatch):
 
     emptied = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    gc.unfreeze()  # other tests' clients froze the set-up objects already
     gc.callbacks.append(on_gc)
     try:
         with FeedClient(fake.endpoint, rank=0, spec=spec, timeout_s=10) as feed:
+            feed.connect()
+            # set-up objects frozen at connect: the first boundary need not rescan them
+            assert gc.get_freeze_count() > 0
             consume(feed, 3)
             assert feed.stats.cleanups == 3
     finally:
@@ -210,10 +214,12 @@ def test_cleanup_runs_gc_and_empty_cache_each_cycle(fake, spec, monkeypatch):
 def test_cleanup_can_be_disabled(fake, spec, monkeypatch):
     emptied = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    gc.unfreeze()
     with FeedClient(fake.endpoint, rank=0, spec=spec, timeout_s=10, cleanup_each_cycle=False) as f:
         consume(f, 2)
         assert f.stats.cleanups == 0
     assert emptied == []
+    assert gc.get_freeze_count() == 0  # nor frozen anything
 
 
 def test_wait_time_is_recorded(tmp_path, spec):
