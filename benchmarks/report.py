@@ -96,15 +96,17 @@ def _throughput_md(rows: list[dict[str, Any]], repeats: int) -> list[str]:
         f"Median of {repeats} repeats [min–max]. GB/s counts wire payload (tensor frames incl. "
         "`sample_idx`), identical for every method of a case, so GB/s ratios equal samples/s "
         "ratios. `limit` sends one batch per message; `limit@msg` sends messages of the size "
-        "lensfeed packs for that batch (`feed.batches_per_message` auto), so `x limit@msg` "
+        "lensfeed packs for that batch (`feed.batches_per_message` auto), its receiver's malloc "
+        "tuned as lensfeed's is, so `x limit@msg` "
         "compares like with like. CPU s/GB: CPU seconds of both processes together (producer "
         "and trainer; the limit's sender and receiver) per GB delivered over the timed repeats, "
         "read at each repeat's edges (the scheduler's per-thread run time), median [min–max]; "
-        "`CPU x limit@msg` divides the medians by the limit's at the same message size "
-        "(lower is better).",
+        "`CPU x limit*` divides the medians by the malloc-tuned limit's at the same message "
+        "size: `limit@msg` where lensfeed packs batches, else `limit+malloc` (lower is "
+        "better).",
         "",
         "| payload | order | method | samples/s | GB/s | x limit | x limit@msg "
-        "| x limit+malloc | x original | x DL w0 | x DL w2 | CPU s/GB | CPU x limit@msg |",
+        "| x limit+malloc | x original | x DL w0 | x DL w2 | CPU s/GB | CPU x limit* |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {m: i for i, m in enumerate(METHOD_ORDER)}

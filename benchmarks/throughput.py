@@ -50,9 +50,10 @@ def measure_limit(
 ) -> dict[str, Any]:
     """Raw pyzmq PUSH -> PULL of ``pack * case.batch_bytes`` messages, one round per repeat
     (``tuned``: the receiver keeps large blocks in the heap, as ``feed.tune_malloc`` does;
-    ``pack`` > 1: the limit at the message size lensfeed actually sends, ``limit@msg``)."""
+    ``pack`` > 1: the limit at the message size lensfeed actually sends, ``limit@msg``, which
+    the caller runs tuned)."""
     count = max(1, settings.batches_per_cycle(case) // pack)
-    method = "limit+malloc" if tuned else ("limit@msg" if pack > 1 else "limit")
+    method = "limit@msg" if pack > 1 else ("limit+malloc" if tuned else "limit")
     name = f"{method.replace('+', '-').replace('@', '-')}-{case.key}"
     endpoint = work.endpoint(name)
     report = work.path(f"{name}.json")
@@ -214,7 +215,10 @@ def run(
         pack = message_batches(case)
         if pack > 1:
             progress(f"limit@msg {case.key} ({pack} batches per message)")
-            rows.append(measure_limit(work, case, settings, pack=pack))
+            # like lensfeed's processes (feed.tune_malloc): without it, the receiver's 8 MiB
+            # frames page-fault in and out of the heap at random and the row's speed and CPU
+            # per byte swing several-fold between runs
+            rows.append(measure_limit(work, case, settings, pack=pack, tuned=True))
         if settings.tuned_limit:
             progress(f"limit+malloc {case.key}")
             rows.append(measure_limit(work, case, settings, tuned=True))
