@@ -40,20 +40,21 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         shuffle = r["shuffle"]
         limit = find_row(rows, r["case"], "limit", None)
+        at_msg = find_row(rows, r["case"], "limit@msg", None)  # measured where lensfeed packs
         ref = {
             "limit": limit,
             # the limit at the message size lensfeed sends (= limit when it sends one batch)
-            "limit@msg": find_row(rows, r["case"], "limit@msg", None) or limit,
+            "limit@msg": at_msg or limit,
             "limit+malloc": find_row(rows, r["case"], "limit+malloc", None),
         }
         for label, method in BASELINES.items():
             ref[label] = find_row(rows, r["case"], method, shuffle)
         mine = _median(r)
         r["ratios"] = {k: (mine / _median(v) if v else None) for k, v in ref.items()}
-        # CPU per byte against the limit at the same message size (lower is better)
         # CPU per byte against the malloc-tuned limit at lensfeed's message size (lensfeed's
-        # processes are tuned too): limit@msg where lensfeed packs, else limit+malloc
-        same = find_row(rows, r["case"], "limit@msg", None) or ref["limit+malloc"] or limit
+        # processes are tuned too; lower is better): limit@msg where lensfeed packs, else
+        # limit+malloc
+        same = at_msg or ref["limit+malloc"] or limit
         cpu, cpu_ref = _cpu_median(r), _cpu_median(same)
         r["cpu_ratio"] = cpu / cpu_ref if cpu and cpu_ref else None
 

@@ -35,6 +35,7 @@ import zmq
 
 from lensfeed.common import protocol as P
 from lensfeed.common.spec import DataSpec
+from tests._util import make_spec
 
 #: What each mode does after (or instead of) the welcome.
 MODES: dict[str, str] = {
@@ -56,16 +57,7 @@ MODES: dict[str, str] = {
 
 #: The client's data spec. 256 batches per cycle: the 200 batches of ``credit_overrun`` are all
 #: valid members of the cycle, so only credit accounting can tell that they were not asked for.
-SPEC = DataSpec(
-    dataset="rogue",
-    columns=("input_ids",),
-    world_size=1,
-    batch_size=4,
-    cycle_size=1024,
-    initial_cycle_size=1024,
-    seed=0,
-    shuffle=False,
-)
+SPEC = make_spec(b=4, s=1024)
 #: The client's settings; its memory bound follows from ``prefetch_bytes`` + ``max_message_bytes``.
 CLIENT_KWARGS: dict[str, Any] = {
     "timeout_s": 5,
