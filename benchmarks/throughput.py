@@ -210,18 +210,18 @@ def run(
     rows: list[dict[str, Any]] = []
     for case in settings.selected():
         progress(f"limit {case.key}")
-        limit = measure_limit(work, case, settings)
-        rows.append(limit)
+        refs = [measure_limit(work, case, settings)]
         pack = message_batches(case)
         if pack > 1:
             progress(f"limit@msg {case.key} ({pack} batches per message)")
             # like lensfeed's processes (feed.tune_malloc): without it, the receiver's 8 MiB
             # frames page-fault in and out of the heap at random and the row's speed and CPU
             # per byte swing several-fold between runs
-            rows.append(measure_limit(work, case, settings, pack=pack, tuned=True))
+            refs.append(measure_limit(work, case, settings, pack=pack, tuned=True))
         if settings.tuned_limit:
             progress(f"limit+malloc {case.key}")
-            rows.append(measure_limit(work, case, settings, tuned=True))
+            refs.append(measure_limit(work, case, settings, tuned=True))
+        rows.extend(refs)
         for shuffle in settings.orders:
             s = "shuffled" if shuffle else "sequential"
             progress(f"lensfeed {case.key} {s}")
@@ -234,25 +234,30 @@ def run(
                     rows.append(
                         measure_dataloader(case, settings, data, shuffle=shuffle, workers=workers)
                     )
-        # Bracket the case: the limit is measured before and after its lensfeed runs and the
+        # Bracket the case: the plain limit and the reference of CPU per byte (the tuned limit
+        # at lensfeed's message size) are measured before and after its lensfeed runs and the
         # repeats are pooled, so slow drifts of this shared machine hit both sides alike.
-        progress(f"limit {case.key} (again)")
-        again = measure_limit(work, case, settings)
-        pooled = limit["samples_per_s"]["values"] + again["samples_per_s"]["values"]
-        limit.update(
-            _row(
+        for ref in refs:
+            if ref["method"] == "limit+malloc" and pack > 1:
+                continue  # not the reference where lensfeed packs (limit@msg is)
+            progress(f"{ref['method']} {case.key} (again)")
+            tuned = ref["method"] != "limit"
+            at_msg = ref["method"] == "limit@msg"
+            _pool(
                 case,
-                "limit",
-                None,
-                pooled,
-                batches_per_repeat=limit["batches_per_repeat"],
-                samples_per_message=BATCH,
-                cpu_s_per_gb=summarize(
-                    limit["cpu_s_per_gb"]["values"] + again["cpu_s_per_gb"]["values"]
-                ),
+                ref,
+                measure_limit(work, case, settings, tuned=tuned, pack=pack if at_msg else 1),
             )
-        )
     return rows
+
+
+def _pool(case: Case, row: dict[str, Any], again: dict[str, Any]) -> None:
+    """Add ``again``'s repeats (speed and CPU per byte) to ``row``'s."""
+    speeds = row["samples_per_s"]["values"] + again["samples_per_s"]["values"]
+    cpus = row["cpu_s_per_gb"]["values"] + again["cpu_s_per_gb"]["values"]
+    row["samples_per_s"] = summarize(speeds)
+    row["gb_per_s"] = summarize([v * case.bytes_per_sample / GB for v in speeds])
+    row["cpu_s_per_gb"] = summarize(cpus)
 
 
 __all__ = ["run"]

@@ -184,6 +184,14 @@ class TokenColumn:
         """Bytes of one served row (after widening)."""
         return self._row_len * self.dtype.itemsize
 
+    def view_rows(self, first: int, n: int) -> int:
+        """How many of the ``n`` consecutive rows from ``first`` :meth:`gather` can return as
+        one view: those in ``first``'s record batch (0 when rows are widened, a copy anyway)."""
+        if self.dtype != self.chunks[0].dtype:
+            return 0
+        c = int(np.searchsorted(self.starts, first, side="right")) - 1
+        return max(0, min(n, int(self.starts[c]) + len(self.chunks[c]) - first))
+
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """Rows in the given order, in one vectorised step (no per-row or per-chunk Python).
 
@@ -301,6 +309,11 @@ class Shard:
         out = {name: col.gather(rows) for name, col in self.columns.items()}
         out["sample_idx"] = rows.astype(np.int64) + self.offset
         return out
+
+    def view_rows(self, first: int, n: int) -> int:
+        """Leading rows of the ``n`` consecutive rows from ``first`` that every column serves
+        without a copy (see :meth:`TokenColumn.view_rows`)."""
+        return min((col.view_rows(first, n) for col in self.columns.values()), default=n)
 
 
 def load_shard(path: str | Path, *, rank: int, world_size: int, columns: list[str]) -> Shard:

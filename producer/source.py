@@ -24,6 +24,12 @@ Batch = dict[str, Array]
 #: ``(count, arrays)``: ``count`` consecutive training batches whose arrays are concatenated
 #: along dim 0 (leading dim ``count * batch_size``). The unit the producer builds and sends.
 Chunk = tuple[int, Batch]
+#: Sequential batches of at least this many bytes are cut at the dataset's record-batch
+#: boundaries, so a message is a view of the memory map and its bytes go from the page cache to
+#: the socket uncopied; the one batch that straddles a boundary is copied and travels alone.
+#: Smaller batches are gathered across the boundary into one full message, as shuffled ones
+#: are: there a copy costs less than the extra messages it would save (producer/packing.py).
+VIEW_MIN_BATCH_BYTES = 256 << 10
 
 
 @dataclass
@@ -137,12 +143,24 @@ class ShardSource:
         b = start
         while b < n:
             count = min(group if self.transform else max(1, max_batches), n - b)
+            if self.transform is None and count > 1:
+                count = self._view_count(cycle, b, count)
             slots = self.cursor.batch_slots(cycle, b, count)
             arrays = self.fetch(cycle, slots)
             if self.transform is not None:
                 arrays = self._transform(arrays, cycle, b, count, slots)
             yield count, arrays
             b += count
+
+    def _view_count(self, cycle: int, b: int, count: int) -> int:
+        """Batches from ``b`` to gather as one chunk: ``count``, or in sequential order with big
+        batches, those that lie in one record batch (>= 1), so the chunk needs no copy."""
+        if self.batch_nbytes < VIEW_MIN_BATCH_BYTES or self.cursor.order(cycle) is not None:
+            return count
+        size = self.spec.batch_size
+        first = int(self.cursor.slot_rows(cycle, np.array([b * size]))[0])
+        rows = self.shard.view_rows(first, count * size)
+        return count if rows == count * size else max(1, rows // size)
 
     def iter_batches(self, cycle: int, start: int) -> Iterator[Batch]:
         """Batches ``start ..`` of ``cycle`` one at a time (views of the chunks)."""

@@ -3,12 +3,19 @@ only when that saves a message without copying a message's worth, a cycle's firs
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
+from lensfeed.producer import source as source_module
 from lensfeed.producer.ahead import Ready
 from lensfeed.producer.packing import Packer, auto_batches_per_message, message_batches, stack
+from lensfeed.producer.shard import load_shard
+from lensfeed.producer.source import ShardSource
+from tests._util import make_spec
 
 
 def shape(groups: list[list[Ready]]) -> list[list[tuple[int, int]]]:
@@ -97,3 +104,42 @@ def test_stack_concatenates_numpy_and_torch_along_dim0() -> None:
     np.testing.assert_array_equal(out["x"], np.arange(8).reshape(4, 2))
     assert out["t"].tolist() == [0, 1, 2, 3]
     assert stack([a]) is a
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["ordered", "shuffled"])
+def test_big_sequential_chunks_are_views_cut_at_record_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shuffle: bool
+) -> None:
+    """In order, a chunk of big batches never spans two record batches of the dataset, so it is
+    a view of the memory map; only a batch that straddles a boundary is copied, alone. The
+    bytes are those of the one-batch-at-a-time stream either way; shuffled chunks keep their
+    full size (a gather copies them anyway)."""
+    ids = np.arange(100 * 8, dtype=np.int32).reshape(100, 8)
+    table = pa.table({"input_ids": pa.array(list(ids), type=pa.list_(pa.int32()))})
+    path = tmp_path / "d.arrow"
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        for batch in table.to_batches(max_chunksize=10):  # record batches of 10 rows
+            w.write_batch(batch)
+    monkeypatch.setattr(source_module, "VIEW_MIN_BATCH_BYTES", 0)  # 4-row batches count as big
+    spec = make_spec(b=4, s=60, s0=52, shuffle=shuffle)  # cycle 1 starts at row 52 and wraps
+    shard = load_shard(path, rank=0, world_size=1, columns=["input_ids"])
+    source = ShardSource(shard, spec)
+    chunks = {c: list(source.iter_chunks(c, 0, 8)) for c in range(3)}
+    for c, got in chunks.items():
+        want = list(source.iter_batches(c, 0))
+        assert sum(n for n, _ in got) == len(want)
+        for name in ("input_ids", "sample_idx"):
+            np.testing.assert_array_equal(
+                np.concatenate([a[name] for _, a in got]), np.concatenate([w[name] for w in want])
+            )
+    counts = [n for n, _ in chunks[1]]
+    if shuffle:
+        assert counts == [8, 7]
+        return
+    # Cycle 1 is rows 52..111 (mod 100): views 52-59, 60-67; 68-71 straddles; 72-79, 80-87;
+    # 88-91; 92-99, 0-7; 8-11 (the cycle's last batch, which straddles too).
+    assert counts == [2, 2, 1, 2, 2, 1, 2, 2, 1]
+    col = shard.columns["input_ids"].chunks
+    for n, a in chunks[1]:
+        record_batch = col[(int(a["sample_idx"][0]) % 100) // 10]
+        assert np.shares_memory(a["input_ids"], record_batch) == (n > 1)
