@@ -40,7 +40,7 @@ from lensfeed.common.errors import LensfeedError, ProducerTimeoutError, Protocol
 from lensfeed.common.spec import DataSpec
 from lensfeed.trainer.connection import ProducerLost
 from lensfeed.trainer.contract import TensorContract, TensorSpec
-from lensfeed.trainer.credits import CreditWindow
+from lensfeed.trainer.credits import QUEUE_SLACK, CreditWindow
 from lensfeed.trainer.cursor import cursor_state, resume_point, state_cursor
 from lensfeed.trainer.cycles import Cycle, FeedStats
 from lensfeed.trainer.device import Staged, Stager, freeze_setup_objects, release_cycle_memory
@@ -117,11 +117,7 @@ class FeedClient:
             max_message_bytes=max_message_bytes,
             contract=TensorContract(spec, tensors),
             keys=client_keys(keys_dir) if keys_dir else None,
-            # Every batch message spends >= 1 credit: a conforming producer never has more
-            # than the window (<= prefetch) queued, plus a few control messages. Not smaller:
-            # at RCVHWM libzmq stops reading the connection, heartbeats included, so a long
-            # training step over a full queue would end in a heartbeat timeout.
-            max_queued=prefetch + 16,
+            max_queued=self._credits.window + QUEUE_SLACK,
         )
         #: Opens each session (the first, and after a loss) and resends what a lost one owed.
         self._reconnect = Reconnector(self._session, self._credits, self)
@@ -352,7 +348,8 @@ class FeedClient:
                 raise ProtocolError(f"{self._where()}: batch count {count} is invalid at {b}")
             tensors = self._ready(staged)  # shapes were checked on arrival (TensorContract)
             batch_bytes = sum(t.numel() * t.element_size() for t in tensors.values()) // count
-            self._credits.size(batch_bytes)
+            if self._credits.size(batch_bytes):  # before the credits the new window grants
+                self._session.bound_queue(self._credits.window + QUEUE_SLACK)
             if count == 1:
                 batches: Any = (tensors,)
             else:  # one split per tensor (views), not one slice per batch and tensor

@@ -7,6 +7,15 @@ is topped up in groups of a quarter window, and always before the client blocks.
 
 from __future__ import annotations
 
+#: Messages libzmq may queue for the client beyond its credit window (``RCVHWM`` = window +
+#: this, set again when the first batch sizes the window). Every batch message spends >= 1
+#: credit, so a conforming producer never has more than the window queued, plus a few control
+#: messages. Not smaller: at ``RCVHWM`` libzmq stops reading the connection, heartbeats
+#: included, so a long training step over a full queue would end in a heartbeat timeout. A rogue
+#: producer is stopped at its first batch beyond its credits; by then libzmq holds at most this
+#: many messages (of at most ``feed.max_message_bytes`` per frame).
+QUEUE_SLACK = 16
+
 
 class CreditWindow:
     """Batches granted to and consumed from the producer, and how many more to grant."""
@@ -31,12 +40,14 @@ class CreditWindow:
             return deficit
         return 0
 
-    def size(self, batch_bytes: int) -> None:
-        """The first batch's size sets the window (once)."""
-        if not self.sized:
-            self.sized = True
-            fit = self.prefetch_bytes // max(1, batch_bytes)
-            self.window = max(1, min(self.prefetch, fit))
+    def size(self, batch_bytes: int) -> bool:
+        """The first batch's size sets the window (once); True when that happened now."""
+        if self.sized:
+            return False
+        self.sized = True
+        fit = self.prefetch_bytes // max(1, batch_bytes)
+        self.window = max(1, min(self.prefetch, fit))
+        return True
 
 
-__all__ = ["CreditWindow"]
+__all__ = ["QUEUE_SLACK", "CreditWindow"]

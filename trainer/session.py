@@ -185,6 +185,13 @@ class Session:
             self.items.append((msg.kind, msg.header))
         return True
 
+    def bound_queue(self, max_queued: int) -> None:
+        """Let libzmq queue at most ``max_queued`` messages, on this connection (libzmq applies
+        a new ``RCVHWM`` to a live pipe) and on those opened after it."""
+        self.max_queued = max_queued
+        if self.conn is not None:
+            self.conn.sock.setsockopt(zmq.RCVHWM, max_queued)
+
     def drain(self) -> None:
         """Read everything already queued (checking each batch against the credits), before
         granting more: a producer that sent ahead of its credits is caught here, while the

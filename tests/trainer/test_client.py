@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import zmq
 
 from lensfeed.common.config import FeedConfig, load_config
 from lensfeed.common.errors import (
@@ -20,6 +21,7 @@ from lensfeed.common.spec import DataSpec
 from lensfeed.producer.cycle import CycleCursor
 from lensfeed.producer.fake import FakeProducer
 from lensfeed.trainer.client import FeedClient
+from lensfeed.trainer.credits import QUEUE_SLACK
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -249,3 +251,24 @@ def test_packed_messages_yield_the_same_batches(tmp_path, spec, per_message):
     ):
         assert consume(feed, 3) == reference
         assert feed.stats.batches == 12
+
+
+def test_the_queue_libzmq_may_hold_follows_the_credit_window(fake, spec):
+    """libzmq's receive queue (RCVHWM) is the credit window plus a few control messages: small
+    until the first batch shows its size, then what ``prefetch_bytes`` allows, on the live
+    socket and on any opened after a loss."""
+
+    def rcvhwm(feed: FeedClient) -> int:
+        return feed._session.conn.sock.getsockopt(zmq.RCVHWM)
+
+    with FeedClient(
+        fake.endpoint, rank=0, spec=spec, timeout_s=10, prefetch=1000, prefetch_bytes=4096
+    ) as feed:
+        feed.connect()
+        assert rcvhwm(feed) == 4 + QUEUE_SLACK  # hello grants min(prefetch, 4)
+        first = next(iter(feed.next_cycle()))
+        nbytes = sum(t.numel() * t.element_size() for t in first.values())
+        window = min(1000, 4096 // nbytes)
+        assert 4 < window < 1000
+        assert rcvhwm(feed) == window + QUEUE_SLACK
+        assert feed._session.max_queued == window + QUEUE_SLACK  # for the next connection
