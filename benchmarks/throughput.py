@@ -209,18 +209,20 @@ def run(
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for case in settings.selected():
-        progress(f"limit {case.key}")
-        refs = [measure_limit(work, case, settings)]
         pack = message_batches(case)
+        # The raw limit; at lensfeed's message size (limit@msg) with the receiver's malloc tuned
+        # like lensfeed's processes (feed.tune_malloc: untuned, its 8 MiB frames page-fault in
+        # and out of the heap and the row's speed and CPU per byte swing several-fold between
+        # runs); and tuned at one batch per message (limit+malloc).
+        kinds: list[tuple[str, dict[str, Any]]] = [("limit", {})]
         if pack > 1:
-            progress(f"limit@msg {case.key} ({pack} batches per message)")
-            # like lensfeed's processes (feed.tune_malloc): without it, the receiver's 8 MiB
-            # frames page-fault in and out of the heap at random and the row's speed and CPU
-            # per byte swing several-fold between runs
-            refs.append(measure_limit(work, case, settings, pack=pack, tuned=True))
+            kinds.append((f"limit@msg ({pack} batches per message)", {"pack": pack, "tuned": True}))
         if settings.tuned_limit:
-            progress(f"limit+malloc {case.key}")
-            refs.append(measure_limit(work, case, settings, tuned=True))
+            kinds.append(("limit+malloc", {"tuned": True}))
+        refs = []
+        for label, kw in kinds:
+            progress(f"{label} {case.key}")
+            refs.append(measure_limit(work, case, settings, **kw))
         rows.extend(refs)
         for shuffle in settings.orders:
             s = "shuffled" if shuffle else "sequential"
@@ -234,20 +236,12 @@ def run(
                     rows.append(
                         measure_dataloader(case, settings, data, shuffle=shuffle, workers=workers)
                     )
-        # Bracket the case: the plain limit and the reference of CPU per byte (the tuned limit
-        # at lensfeed's message size) are measured before and after its lensfeed runs and the
-        # repeats are pooled, so slow drifts of this shared machine hit both sides alike.
-        for ref in refs:
-            if ref["method"] == "limit+malloc" and pack > 1:
-                continue  # not the reference where lensfeed packs (limit@msg is)
-            progress(f"{ref['method']} {case.key} (again)")
-            tuned = ref["method"] != "limit"
-            at_msg = ref["method"] == "limit@msg"
-            _pool(
-                case,
-                ref,
-                measure_limit(work, case, settings, tuned=tuned, pack=pack if at_msg else 1),
-            )
+        # Bracket the case: every limit row (the CPU-per-byte reference among them) is measured
+        # before and after its lensfeed runs and the repeats are pooled, so slow drifts of this
+        # shared machine hit both sides alike.
+        for (label, kw), ref in zip(kinds, refs, strict=True):
+            progress(f"{label} {case.key} (again)")
+            _pool(case, ref, measure_limit(work, case, settings, **kw))
     return rows
 
 

@@ -141,9 +141,15 @@ class ShardSource:
         n = self.spec.batches_in_cycle(cycle)
         group = max(1, int(getattr(self.transform, "group", 1))) if self.transform else 1
         b = start
+        # Sequential big batches: chunks are cut at record batches (VIEW_MIN_BATCH_BYTES).
+        cut = (
+            self.transform is None
+            and self.batch_nbytes >= VIEW_MIN_BATCH_BYTES
+            and self.cursor.order(cycle) is None
+        )
         while b < n:
             count = min(group if self.transform else max(1, max_batches), n - b)
-            if self.transform is None and count > 1:
+            if cut and count > 1:
                 count = self._view_count(cycle, b, count)
             slots = self.cursor.batch_slots(cycle, b, count)
             arrays = self.fetch(cycle, slots)
@@ -153,10 +159,8 @@ class ShardSource:
             b += count
 
     def _view_count(self, cycle: int, b: int, count: int) -> int:
-        """Batches from ``b`` to gather as one chunk: ``count``, or in sequential order with big
-        batches, those that lie in one record batch (>= 1), so the chunk needs no copy."""
-        if self.batch_nbytes < VIEW_MIN_BATCH_BYTES or self.cursor.order(cycle) is not None:
-            return count
+        """Batches from ``b`` (sequential order) to gather as one chunk: ``count`` if they lie
+        in one record batch, else those that do (>= 1), so the chunk needs no copy."""
         size = self.spec.batch_size
         first = int(self.cursor.slot_rows(cycle, np.array([b * size]))[0])
         rows = self.shard.view_rows(first, count * size)

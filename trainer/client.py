@@ -40,7 +40,7 @@ from lensfeed.common.errors import LensfeedError, ProducerTimeoutError, Protocol
 from lensfeed.common.spec import DataSpec
 from lensfeed.trainer.connection import ProducerLost
 from lensfeed.trainer.contract import TensorContract, TensorSpec
-from lensfeed.trainer.credits import QUEUE_SLACK, CreditWindow
+from lensfeed.trainer.credits import CreditWindow
 from lensfeed.trainer.cursor import cursor_state, resume_point, state_cursor
 from lensfeed.trainer.cycles import Cycle, FeedStats
 from lensfeed.trainer.device import Staged, Stager, freeze_setup_objects, release_cycle_memory
@@ -117,7 +117,7 @@ class FeedClient:
             max_message_bytes=max_message_bytes,
             contract=TensorContract(spec, tensors),
             keys=client_keys(keys_dir) if keys_dir else None,
-            max_queued=self._credits.window + QUEUE_SLACK,
+            max_queued=self._credits.max_queued,
         )
         #: Opens each session (the first, and after a loss) and resends what a lost one owed.
         self._reconnect = Reconnector(self._session, self._credits, self)
@@ -349,7 +349,7 @@ class FeedClient:
             tensors = self._ready(staged)  # shapes were checked on arrival (TensorContract)
             batch_bytes = sum(t.numel() * t.element_size() for t in tensors.values()) // count
             if self._credits.size(batch_bytes):  # before the credits the new window grants
-                self._session.bound_queue(self._credits.window + QUEUE_SLACK)
+                self._session.bound_queue(self._credits.max_queued)
             if count == 1:
                 batches: Any = (tensors,)
             else:  # one split per tensor (views), not one slice per batch and tensor

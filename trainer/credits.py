@@ -40,6 +40,11 @@ class CreditWindow:
             return deficit
         return 0
 
+    @property
+    def max_queued(self) -> int:
+        """Messages libzmq may queue for this window (``RCVHWM``)."""
+        return self.window + QUEUE_SLACK
+
     def size(self, batch_bytes: int) -> bool:
         """The first batch's size sets the window (once); True when that happened now."""
         if self.sized:
