@@ -35,7 +35,7 @@ from typing import Any
 from benchmarks.common import Proc, Workdir, py, read_report, write_json
 from benchmarks.data import standard_datasets
 from benchmarks.feed import overrides
-from benchmarks.settings import BATCH, CASES, Case
+from benchmarks.settings import BATCH, CASES, Case, steady_stream
 from lensfeed.common.curve import create_keys
 from tests._netns import IFNAME, Network, Unavailable
 
@@ -43,8 +43,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("ipc", "tcp-lo", "tcp", "curve")
 LABELS = {"ipc": "ipc", "tcp-lo": "loopback tcp", "tcp": "veth tcp", "curve": "veth tcp+CURVE"}
 NODE, PRODUCER_HOST = "n0", "p"
-#: Batches per timed block and blocks per run, per case (a few seconds each on 2 cores).
-BLOCKS = {"tok128": (400, 4), "tok2048": (60, 4), "act4": (24, 4)}
+CASE_KEYS = ("tok128", "tok2048", "act4")
 _ports = count(52000)  # a fresh port per run: a restarted listener never meets TIME_WAIT
 
 
@@ -52,8 +51,8 @@ def stream(
     net: Network, work: Workdir, case: Case, mode: str, data: Path, keys: Path, tag: str
 ) -> float:
     """Samples/s of one producer -> FeedClient stream (median of its steady-state blocks)."""
-    n, blocks = BLOCKS[case.key]
-    extra = [f"training_initial_cache_size_per_rank={n * BATCH}"]
+    warm, n, blocks = steady_stream(case)
+    extra = [f"training_initial_cache_size_per_rank={warm * BATCH}"]
     if mode == "ipc":
         endpoint, host = work.endpoint(tag), NODE
     elif mode == "tcp-lo":
@@ -107,7 +106,7 @@ def measure(
     keys = work.path("keys")
     create_keys(keys)
     rows = []
-    for case in (c for c in CASES if c.key in BLOCKS):
+    for case in (c for c in CASES if c.key in CASE_KEYS):
         rates: dict[str, list[float]] = {m: [] for m in MODES}
         for i in range(repeats):
             order = MODES if i % 2 == 0 else tuple(reversed(MODES))

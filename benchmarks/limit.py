@@ -5,7 +5,9 @@ batch as the lensfeed message (all tensor frames together) over the same transpo
 The sender binds (like the producer), the receiver connects (like the trainer). High-water marks
 on both sides equal the lensfeed prefetch depth, so neither side buffers more than lensfeed may.
 The receiver reads both processes' CPU time at each round's end, so the sender, once done,
-waits idle until it is stopped.
+waits idle until it is stopped. With ``--keys DIR`` (a ``lensfeed keys`` set) both sockets run
+CurveZMQ as lensfeed's do (the sender is the CURVE server), over a tcp endpoint: what encryption
+costs the transport itself, with no lensfeed code in the way.
 
 ::
 
@@ -30,14 +32,19 @@ import numpy as np
 import zmq
 
 from benchmarks.common import cpu_s, self_report, write_json
+from lensfeed.common.curve import apply_client, apply_server, client_keys, server_keys
 from lensfeed.common.malloc import tune_for_large_messages
 
 
-def send(endpoint: str, nbytes: int, count: int, rounds: int, hwm: int) -> None:
+def send(
+    endpoint: str, nbytes: int, count: int, rounds: int, hwm: int, keys: Path | None = None
+) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.LINGER, -1)
+    if keys is not None:
+        apply_server(sock, server_keys(keys))  # no ZAP handler here: every client is let in
     sock.bind(endpoint)
     payload = np.random.default_rng(0).integers(0, 255, size=nbytes, dtype=np.uint8)
     view = memoryview(payload)
@@ -61,10 +68,20 @@ def send(endpoint: str, nbytes: int, count: int, rounds: int, hwm: int) -> None:
     signal.pause()
 
 
-def recv(endpoint: str, count: int, rounds: int, hwm: int, report: Path, peer_pid: int = 0) -> None:
+def recv(
+    endpoint: str,
+    count: int,
+    rounds: int,
+    hwm: int,
+    report: Path,
+    peer_pid: int = 0,
+    keys: Path | None = None,
+) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    if keys is not None:
+        apply_client(sock, client_keys(keys))
     sock.connect(endpoint)
     times: list[float] = []
     cpus: list[float] = []  # CPU seconds of both processes at each round's end
@@ -99,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hwm", type=int, default=8)
     p.add_argument("--report", type=Path)
     p.add_argument("--peer-pid", type=int, default=0, help="the sender, whose CPU is read too")
+    p.add_argument("--keys", type=Path, help="a `lensfeed keys` directory: CurveZMQ on both ends")
     p.add_argument(
         "--tune-malloc",
         action="store_true",
@@ -108,10 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.tune_malloc and a.role == "recv":
         tune_for_large_messages()
     if a.role == "send":
-        send(a.endpoint, a.nbytes, a.count, a.rounds, a.hwm)
+        send(a.endpoint, a.nbytes, a.count, a.rounds, a.hwm, a.keys)
     else:
         assert a.report is not None
-        recv(a.endpoint, a.count, a.rounds, a.hwm, a.report, a.peer_pid)
+        recv(a.endpoint, a.count, a.rounds, a.hwm, a.report, a.peer_pid, a.keys)
     return 0
 
 

@@ -46,19 +46,29 @@ def message_batches(case: Case) -> int:
 
 
 def measure_limit(
-    work: Workdir, case: Case, settings: Settings, *, tuned: bool = False, pack: int = 1
+    work: Workdir,
+    case: Case,
+    settings: Settings,
+    *,
+    tuned: bool = False,
+    pack: int = 1,
+    endpoint: str | None = None,
+    keys: Path | None = None,
+    method: str | None = None,
 ) -> dict[str, Any]:
     """Raw pyzmq PUSH -> PULL of ``pack * case.batch_bytes`` messages, one round per repeat
     (``tuned``: the receiver keeps large blocks in the heap, as ``feed.tune_malloc`` does;
     ``pack`` > 1: the limit at the message size lensfeed actually sends, ``limit@msg``, which
-    the caller runs tuned)."""
+    the caller runs tuned). ``endpoint`` (default a fresh ipc socket) and ``keys`` (CurveZMQ
+    with a ``lensfeed keys`` set) serve the transport comparison of ``benchmarks.curve``."""
     count = max(1, settings.batches_per_cycle(case) // pack)
-    method = "limit@msg" if pack > 1 else ("limit+malloc" if tuned else "limit")
+    method = method or ("limit@msg" if pack > 1 else ("limit+malloc" if tuned else "limit"))
     name = f"{method.replace('+', '-').replace('@', '-')}-{case.key}"
-    endpoint = work.endpoint(name)
+    endpoint = endpoint or work.endpoint(name)
     report = work.path(f"{name}.json")
     rounds = settings.repeats + 1
     common = ["--endpoint", endpoint, "--count", str(count), "--rounds", str(rounds)]
+    common += ["--keys", str(keys)] if keys is not None else []
     # The sender first: the receiver reads its CPU time at each round's end, with its own.
     send = Proc(
         py("benchmarks.limit", "send", *common, "--nbytes", str(pack * case.batch_bytes)),

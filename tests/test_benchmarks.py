@@ -125,3 +125,36 @@ def test_activation_benchmark_runs_three_ways(tmp_path: Path) -> None:
     assert res["seed_wall_s"] > 0
     assert res["lensfeed_wall_s"] > 0
     assert "end-to-end speed-up over the seed" in (tmp_path / "activations.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_raw_limit_runs_over_curve_with_a_lensfeed_key_set(tmp_path: Path) -> None:
+    """The CURVE benchmark's ceiling (``benchmarks.limit --keys``): the raw sender and receiver
+    complete a CurveZMQ handshake with a ``lensfeed keys`` set over loopback tcp and stream
+    every round, reporting rate and CPU per GB like every other limit row."""
+    from benchmarks.common import Workdir
+    from benchmarks.settings import CASES, SMOKE
+    from benchmarks.throughput import measure_limit
+    from lensfeed.common.curve import create_keys
+    from tests._util import free_port
+
+    keys = tmp_path / "keys"
+    create_keys(keys)
+    case = next(c for c in CASES if c.key == "tok128")
+    work = Workdir()
+    try:
+        row = measure_limit(
+            work,
+            case,
+            SMOKE,
+            tuned=True,
+            endpoint=f"tcp://127.0.0.1:{free_port()}",
+            keys=keys,
+            method="limit-curve",
+        )
+    finally:
+        shutil.rmtree(work.root, ignore_errors=True)
+    assert row["method"] == "limit-curve"
+    assert row["samples_per_s"]["median"] > 0
+    assert row["cpu_s_per_gb"]["median"] > 0
