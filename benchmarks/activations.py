@@ -35,7 +35,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import Proc, py
+from benchmarks.common import Proc, Workdir, py
 from lensfeed.common.config import LensfeedConfig, load_config
 from lensfeed.producer import models
 from lensfeed.trainer.client import FeedClient
@@ -247,8 +246,14 @@ def run_lensfeed(
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """The three-way comparison, in a scratch directory (data, model, the producer's ipc
+    socket and logs) that is removed afterwards."""
+    with Workdir(prefix="lfb-act-") as wd:
+        return _measure(args, wd.root)
+
+
+def _measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="lfb-act-"))  # 0700: the producer's ipc directory
     data = work / "ds"
     # Enough rows that C cycles wrap around the shard at least once.
     rows = max(args.cycle_size * 2, args.cycle_size * args.cycles // 3)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -13,6 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("benchmarks")
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -296,11 +300,26 @@ def write_json(path: Path, data: Any) -> None:
 
 
 class Workdir:
-    """Per-run scratch directory: ipc sockets (short paths) and child logs/reports."""
+    """Per-run scratch directory (0700, so it can hold a producer's ipc sockets): short socket
+    paths, child logs and reports. A context manager that removes it on exit unless ``keep``
+    (then it says where the logs are)."""
 
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="lfb-", dir="/tmp"))
+    def __init__(self, *, prefix: str = "lfb-", keep: bool = False) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        self.keep = keep
         self._n = 0
+
+    def __enter__(self) -> Workdir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.keep:
+            log.info("child logs kept in %s", self.root)
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def endpoint(self, name: str) -> str:
         self._n += 1

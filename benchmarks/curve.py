@@ -118,9 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs per case and transport")
     p.add_argument("--out", type=Path, default=RESULTS / "curve.json")
     args = p.parse_args(argv)
-    work = Workdir()
     datasets = standard_datasets()
-    rows = measure(work, datasets, repeats=args.repeats)
+    with Workdir() as work:
+        rows = measure(work, datasets, repeats=args.repeats)
     cols = ("ipc", "tcp", "curve", "raw-tcp", "raw-curve")
     print(f"GB/s (CPU s/GB of both processes), medians of {args.repeats} runs")
     print(f"{'case':28}" + "".join(f" {c:>16}" for c in cols) + "  CURVE/tcp  raw CURVE/tcp")

@@ -137,7 +137,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs per case and transport")
     p.add_argument("--out", type=Path, default=RESULTS / "hosts.json")
     args = p.parse_args(argv)
-    work = Workdir()
     datasets = standard_datasets()
     try:
         net = Network([NODE, PRODUCER_HOST])
@@ -145,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cannot simulate hosts: {exc}", file=sys.stderr)
         return 2
     load_before = os.getloadavg()
-    with net:
+    with net, Workdir() as work:
         mtu = subprocess.run(
             net.cmd(NODE, ["cat", f"/sys/class/net/{IFNAME}/mtu"]), capture_output=True, text=True
         ).stdout.strip()

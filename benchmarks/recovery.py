@@ -155,27 +155,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "recovery.json")
     p.add_argument("--skip-heartbeats", action="store_true")
     args = p.parse_args(argv)
-    work = Workdir()
     datasets = standard_datasets()
-    result: dict[str, Any] = {
-        "recovery": measure_recovery(
+    result: dict[str, Any] = {}
+    with Workdir() as work:
+        result["recovery"] = measure_recovery(
             work, datasets["tok128"], repeats=args.repeats, heartbeat_s=3.0
         )
-    }
+        if not args.skip_heartbeats:
+            result["heartbeats"] = measure_heartbeats(work, datasets, repeats=args.repeats)
     rec = result["recovery"]
     print(
         f"recovery (supervisor restart, tokens (64, 128)): kill -9 -> first batch median "
         f"{rec['median_s']:.2f} s, max {rec['max_s']:.2f} s over {args.repeats} kills "
         f"(target <= {rec['target_s']:.1f} s): {'ok' if rec['ok'] else 'MISSED'}; streams identical"
     )
-    if not args.skip_heartbeats:
-        result["heartbeats"] = measure_heartbeats(work, datasets, repeats=args.repeats)
-        for row in result["heartbeats"]:
-            print(
-                f"heartbeats {row['case']}: on {row['samples_per_s_on']:,.0f} vs off "
-                f"{row['samples_per_s_off']:,.0f} samples/s = {row['ratio']:.3f}x "
-                f"(target >= 0.98): {'ok' if row['ok'] else 'MISSED'}"
-            )
+    for row in result.get("heartbeats", []):
+        print(
+            f"heartbeats {row['case']}: on {row['samples_per_s_on']:,.0f} vs off "
+            f"{row['samples_per_s_off']:,.0f} samples/s = {row['ratio']:.3f}x "
+            f"(target >= 0.98): {'ok' if row['ok'] else 'MISSED'}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     print(f"wrote {args.out}")

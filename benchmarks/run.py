@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -137,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name: ensure_dataset(name, rows=rows, seq_len=seq, data_dir=data_dir).path.resolve()
         for name, (rows, seq) in settings.datasets.items()
     }
-    work = Workdir()
+    work = Workdir(keep=args.keep_work)
     results: dict[str, Any] = {
         "settings": asdict(settings),
         "machine": machine.describe(),
@@ -156,10 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results["errors"][section] = f"{type(e).__name__}: {e}"[:500]
             results["section_s"][section] = time.perf_counter() - t0
     finally:
-        if not args.keep_work:
-            shutil.rmtree(work.root, ignore_errors=True)
-        else:
-            progress(f"child logs kept in {work.root}")
+        work.close()
     results["elapsed_s"] = time.perf_counter() - t_start
     results["within_budget"] = results["elapsed_s"] <= settings.budget_s
     results["targets"] = targets.evaluate_targets(results)

@@ -142,8 +142,7 @@ def test_raw_limit_runs_over_curve_with_a_lensfeed_key_set(tmp_path: Path) -> No
     keys = tmp_path / "keys"
     create_keys(keys)
     case = next(c for c in CASES if c.key == "tok128")
-    work = Workdir()
-    try:
+    with Workdir() as work:
         row = measure_limit(
             work,
             case,
@@ -153,8 +152,21 @@ def test_raw_limit_runs_over_curve_with_a_lensfeed_key_set(tmp_path: Path) -> No
             keys=keys,
             method="limit-curve",
         )
-    finally:
-        shutil.rmtree(work.root, ignore_errors=True)
     assert row["method"] == "limit-curve"
     assert row["samples_per_s"]["median"] > 0
     assert row["cpu_s_per_gb"]["median"] > 0
+
+
+def test_workdir_is_removed_on_exit_unless_kept() -> None:
+    """Benchmark runs leave nothing in /tmp (sockets, logs, a model and data set for the
+    activation benchmark) unless asked to keep the child logs."""
+    from benchmarks.common import Workdir
+
+    with Workdir() as work:
+        work.path("log").write_text("x")
+        assert work.root.stat().st_mode & 0o077 == 0  # private: it holds ipc sockets
+    assert not work.root.exists()
+    with Workdir(keep=True) as kept:
+        kept.path("log").write_text("x")
+    assert kept.root.is_dir()
+    shutil.rmtree(kept.root)
