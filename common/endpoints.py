@@ -90,6 +90,32 @@ def _names(key: str, template: str) -> set[str]:
     return names
 
 
+#: Longest ipc path libzmq can bind or connect to (a Unix socket's ``sun_path`` less its NUL).
+MAX_IPC_PATH_BYTES = 107
+
+
+def _form_problem(endpoint: str) -> str:
+    """What is wrong with ``endpoint``'s form ("" if nothing), checked here so that libzmq never
+    refuses it later, inside a running producer or client."""
+    if not endpoint.startswith(SCHEMES):
+        return "must start with ipc://, tcp:// or inproc://"
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "tcp":
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host:
+            return "must be tcp://HOST:PORT"
+        if not (port.isdigit() and 1 <= int(port) <= 65535):
+            return f"has port {port!r}; a tcp port is a number in 1-65535"
+    elif not rest:
+        return f"names no {'path' if scheme == 'ipc' else 'name'}"
+    elif scheme == "ipc" and len(rest.encode()) > MAX_IPC_PATH_BYTES:
+        return (
+            f"has a {len(rest.encode())}-byte path; an ipc socket path has at most "
+            f"{MAX_IPC_PATH_BYTES} bytes (use a shorter directory, e.g. under /tmp)"
+        )
+    return ""
+
+
 def validate(feed: FeedConfig, world_size: int) -> None:
     """Every rank's endpoint, computed and checked before anything starts."""
     if feed.ranks_per_node < 0:
@@ -124,10 +150,9 @@ def validate(feed: FeedConfig, world_size: int) -> None:
                 f"'feed.endpoint' cannot be filled in for rank {rank}: {exc}"
             ) from None
         for key, ep in (("endpoint", endpoint), ("bind", bind)):
-            if not ep.startswith(SCHEMES):
-                raise ConfigError(
-                    f"rank {rank}'s {key} {ep!r} must start with ipc://, tcp:// or inproc://"
-                )
+            problem = _form_problem(ep)
+            if problem:
+                raise ConfigError(f"rank {rank}'s {key} {ep!r} {problem}")
         # tcp names one place on the network; an ipc path is per node.
         node = -1 if endpoint.startswith("tcp://") else rank // per
         other = seen.setdefault((node, endpoint), rank)

@@ -53,6 +53,7 @@ MODES: dict[str, str] = {
     "huge_ints": "2**64-1 and -2**63 in cycle_start and batch counters",
     "deep_nesting": "headers with a field nested 1000 deep and a 1000-deep 'tensors' list",
     "extra_frames": "a batch with 10,000 tiny frames, then one with one frame too many",
+    "wrong_cycle_end": "a valid cycle whose end names another cycle and batch count",
 }
 
 #: The client's data spec. 256 batches per cycle: the 200 batches of ``credit_overrun`` are all
@@ -374,6 +375,8 @@ class Rogue:
                 t = tokens(row + b * bsz, bsz, seq_len=SEQ_LEN + 1)
             self.queue(1, self.batch(cycle, b, t))
         end = {"rank": 0, "cycle": cycle, "batches": batches, "regen_s": 0.0}
+        if self.mode == "wrong_cycle_end":
+            end.update(cycle=cycle + 7, batches=batches + 1)
         self.queue(0, P.encode(P.CYCLE_END, self.stamp(end)))
 
 

@@ -172,6 +172,8 @@ class FeedClient:
 
     def connect(self) -> dict[str, Any]:
         """Handshake (with the resume cursor); returns the producer's WELCOME fields."""
+        if self._failed is not None:
+            raise self._failed  # a failure is final, a failed handshake's too
         if self._connected:
             return self.welcome
         self._connected = True
@@ -285,11 +287,14 @@ class FeedClient:
 
     def next_cycle(self) -> Cycle:
         """Ask the producer for the next cycle (this is the regeneration signal) and return it."""
-        if self._current is not None and not self._current.done:
-            raise LensfeedError(
-                f"cycle {self._current.index} still has unconsumed batches; iterate it to the end "
-                "before asking for the next cycle"
-            )
+        current = self._current
+        if current is not None and not current.done:
+            if not current.exhausted:
+                raise LensfeedError(
+                    f"cycle {current.index} still has unconsumed batches; iterate it to the end "
+                    "before asking for the next cycle"
+                )
+            self._finish_cycle(current)  # the loop stopped right after its last batch
         self.connect()
         cycle, batch = self._cursor = self._normalized_cursor()
         self._reconnect.asked = (cycle, batch)
@@ -328,9 +333,15 @@ class FeedClient:
             if not cycle.done:  # the loop broke out early (e.g. max_steps): stop here
                 return
 
-    def _iter_cycle(self, cycle: Cycle) -> Iterator[dict[str, torch.Tensor]]:
-        if cycle is not self._current or cycle.done:
+    def _open_cycle(self, cycle: Cycle) -> Iterator[dict[str, torch.Tensor]]:
+        """``iter(cycle)``, checked when it is called rather than at the first ``next()``: a
+        second iterator would start again at a batch the producer has already sent."""
+        if cycle is not self._current or cycle.done or cycle.opened:
             raise LensfeedError(f"cycle {cycle.index} can only be iterated once, while current")
+        cycle.opened = True
+        return self._iter_cycle(cycle)
+
+    def _iter_cycle(self, cycle: Cycle) -> Iterator[dict[str, torch.Tensor]]:
         bsz = self.spec.batch_size
         b = cycle.start_batch
         while b < cycle.num_batches:
@@ -367,9 +378,20 @@ class FeedClient:
                 self.stats.samples += bsz
                 self.stats.bytes += batch_bytes
                 yield batch
+        if not cycle.done:  # next_cycle() may have read the end already
+            self._finish_cycle(cycle)
+
+    def _finish_cycle(self, cycle: Cycle) -> None:
+        """Take the cycle's end (every batch has been handed out) and release the cycle."""
         kind, header = self._take(f"end of cycle {cycle.index}")
         if kind != P.CYCLE_END:
             raise ProtocolError(f"{self._where()}: expected end of cycle, got {kind}")
+        if header["cycle"] != cycle.index or header["batches"] != cycle.num_batches:
+            self._failed = ProtocolError(
+                f"{self._where()}: end of cycle {header['cycle']} with {header['batches']} "
+                f"batches, expected cycle {cycle.index} with {cycle.num_batches}"
+            )
+            raise self._failed
         cycle.regen_s = float(header["regen_s"])
         cycle.done = True
         self._end_cycle()

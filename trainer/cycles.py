@@ -47,6 +47,8 @@ class Cycle:
     wait_s: float = 0.0
     regen_s: float = 0.0
     done: bool = False
+    #: ``iter()`` was called: a cycle has one iterator (a second would replay sent batches).
+    opened: bool = field(default=False, repr=False)
 
     @property
     def remaining(self) -> int:
@@ -56,8 +58,13 @@ class Cycle:
     def wraps(self) -> int:
         return int(self.meta["wraps"])
 
+    @property
+    def exhausted(self) -> bool:
+        """Every batch has been handed to the loop (only the producer's end may be pending)."""
+        return self.done or self._client._normalized_cursor()[0] > self.index
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self._client._iter_cycle(self)
+        return self._client._open_cycle(self)
 
 
 __all__ = ["Cycle", "FeedStats"]

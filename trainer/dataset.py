@@ -64,10 +64,11 @@ class FeedDataset(IterableDataset):
         """The rank's :class:`FeedClient`, made on first use (in the process that iterates)."""
         if self._client is None:
             info = get_worker_info()
-            if info is not None and info.num_workers > 1:
+            if info is not None:
                 raise LensfeedError(
                     "FeedDataset is one rank's stream: use DataLoader(..., num_workers=0) "
-                    f"(got {info.num_workers} workers, which would split or repeat it)"
+                    f"(got {info.num_workers} worker(s): a worker holds the cursor, so each "
+                    "epoch would start again from a fresh copy and state_dict() would not move)"
                 )
             client = FeedClient.from_config(
                 self.cfg, self.rank, device=self.device, **self.client_kwargs
@@ -79,6 +80,10 @@ class FeedDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         client = self.client
+        if self._cycle is not None and self._cycle.exhausted:  # cut short after its last batch
+            for _ in self._batches or ():  # reads the cycle's end: nothing is left to yield
+                pass
+            self._batches = self._cycle = None
         if self._batches is None:  # no epoch cut short: start the next cycle
             if client.state_dict()["cycle"] >= self.num_cycles:
                 return

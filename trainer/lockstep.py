@@ -47,6 +47,19 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _failure_json(rank: int, code: str, message: str) -> bytes:
+    """What a failed rank tells the others, in at most ``_MSG_BYTES``: the message is cut to
+    fit, never the JSON (a cut JSON would lose the rank and the code on every rank)."""
+    code = str(code)[:64]
+    while True:
+        text = json.dumps({"rank": rank, "code": code, "message": message}, ensure_ascii=False)
+        raw = text.encode()
+        if len(raw) <= _MSG_BYTES:
+            return raw
+        keep = max(0, len(message) - (len(raw) - _MSG_BYTES) - 4)  # >= 1 byte per character
+        message = message[:keep] + " ..."
+
+
 def agree(error: BaseException | None, *, rank: int, device: torch.device) -> None:
     """Collective: raise :class:`RankFailedError` on every rank if any rank passed an error."""
     if not _active():
@@ -60,9 +73,7 @@ def agree(error: BaseException | None, *, rank: int, device: torch.device) -> No
         return
     text = b""
     if error is not None:
-        code = getattr(error, "code", "internal")
-        text = json.dumps({"rank": rank, "code": code, "message": str(error)}).encode()
-        text = text[:_MSG_BYTES]
+        text = _failure_json(rank, getattr(error, "code", "internal"), str(error))
     mine = torch.zeros(_MSG_BYTES, dtype=torch.uint8, device=device)
     if text:
         mine[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)

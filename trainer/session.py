@@ -91,6 +91,7 @@ class Session:
             self._ctx = zmq.Context()
         if self.conn is not None:
             self.conn.close()
+            self.conn = None  # a Connection that fails to open leaves none behind
         self.conn = Connection(
             self._ctx,
             self.endpoint,

@@ -128,16 +128,16 @@ def test_overrides_apply_to_nested_keys_and_types() -> None:
 
 
 def test_tcp_bind_defaults_to_loopback_and_can_differ() -> None:
-    cfg = load_config(None, ["feed.endpoint=tcp://10.1.2.3:{rank}0", "world_size=2"])
-    assert cfg.endpoint_for(1) == "tcp://10.1.2.3:10"
-    assert cfg.bind_for(1) == "tcp://127.0.0.1:10"  # loopback unless feed.bind says otherwise
+    cfg = load_config(None, ["feed.endpoint=tcp://10.1.2.3:5{rank}0", "world_size=2"])
+    assert cfg.endpoint_for(1) == "tcp://10.1.2.3:510"
+    assert cfg.bind_for(1) == "tcp://127.0.0.1:510"  # loopback unless feed.bind says otherwise
     ipc = load_config(None, ["feed.endpoint=ipc:///tmp/x{rank}.sock", "world_size=2"])
     assert ipc.bind_for(1) == "ipc:///tmp/x1.sock"
     cfg = load_config(
         None,
-        ["feed.endpoint=tcp://10.1.2.3:{rank}0", "feed.bind=tcp://*:{rank}0", "world_size=2"],
+        ["feed.endpoint=tcp://10.1.2.3:5{rank}0", "feed.bind=tcp://*:5{rank}0", "world_size=2"],
     )
-    assert cfg.bind_for(1) == "tcp://*:10"
+    assert cfg.bind_for(1) == "tcp://*:510"
 
 
 # --------------------------------------------------------------------------- errors

@@ -12,6 +12,7 @@ import zmq
 
 from lensfeed.common.config import FeedConfig, load_config
 from lensfeed.common.errors import (
+    ConfigError,
     LensfeedError,
     ProducerTimeoutError,
     RemoteError,
@@ -272,3 +273,51 @@ def test_the_queue_libzmq_may_hold_follows_the_credit_window(fake, spec):
         assert 4 < window < 1000
         assert rcvhwm(feed) == window + QUEUE_SLACK
         assert feed._session.max_queued == window + QUEUE_SLACK  # for the next connection
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1", "ipc:///tmp/" + "d" * 120 + "/x.sock"])
+def test_an_endpoint_libzmq_refuses_is_a_config_error_and_close_returns(spec, endpoint):
+    """Given straight to FeedClient (no config check): a ConfigError naming the endpoint, again
+    at every later call, and close() returns instead of waiting on sockets left open."""
+    feed = FeedClient(endpoint, rank=0, spec=spec, timeout_s=5)
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="cannot connect to"):
+            feed.next_cycle()
+    feed.close()
+
+
+def test_stopping_right_after_a_cycles_last_batch_then_next_cycle_goes_on(fake, spec):
+    """A loop that breaks out right after the last batch (e.g. max_steps at a boundary) has
+    consumed the cycle; next_cycle() takes the pending end itself, and the stream goes on
+    exactly as an uninterrupted one."""
+    with FeedClient(fake.endpoint, rank=0, spec=spec, timeout_s=10) as feed:
+        reference = consume(feed, 2)
+    seen = []
+    with FeedClient(fake.endpoint, rank=0, spec=spec, timeout_s=10) as feed:
+        cycle = feed.next_cycle()
+        for j, batch in enumerate(cycle):
+            seen.append((0, j, batch["sample_idx"].tolist(), digest(batch)))
+            if j == cycle.num_batches - 1:
+                break  # the generator never reads the cycle's end
+        assert feed.state_dict()["cycle"] == 1
+        assert not cycle.done
+        nxt = feed.next_cycle()
+        assert cycle.done
+        assert nxt.index == 1
+        seen += [(1, j, b["sample_idx"].tolist(), digest(b)) for j, b in enumerate(nxt)]
+    assert seen == reference
+
+
+def test_a_second_iterator_over_a_cycle_is_refused_and_the_first_goes_on(fake, spec):
+    """A second iter() would restart at a batch the producer already sent: refused at once as
+    misuse (not blamed on the producer), and the first iterator still ends the cycle."""
+    with FeedClient(fake.endpoint, rank=0, spec=spec, timeout_s=10) as feed:
+        cycle = feed.next_cycle()
+        it = iter(cycle)
+        next(it)
+        with pytest.raises(LensfeedError, match="can only be iterated once") as exc_info:
+            iter(cycle)
+        assert type(exc_info.value) is LensfeedError
+        assert sum(1 for _ in it) == cycle.num_batches - 1
+        assert cycle.done
+        assert feed.next_cycle().index == 1

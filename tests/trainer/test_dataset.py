@@ -104,7 +104,33 @@ def test_an_epoch_cut_short_is_continued_by_the_next(
         ds.close()
 
 
-def test_worker_processes_are_refused(cfg: LensfeedConfig, fake: FakeProducer) -> None:
+def test_an_epoch_cut_right_after_its_last_batch_is_a_whole_epoch(
+    cfg: LensfeedConfig, fake: FakeProducer
+) -> None:
+    """Breaking out after a cycle's last batch (its end not read yet) finishes the epoch: the
+    next one is the next cycle, as state_dict() says and as a resumed run would see it."""
+    ds = FeedDataset(cfg, 0)
+    loader = DataLoader(ds, batch_size=None)
+    try:
+        epochs = []
+        for _ in range(2):
+            seen = []
+            for batch in loader:
+                seen.append(batch["sample_idx"].tolist())
+                if len(seen) == 3:  # the cycle's last batch
+                    break
+            epochs.append(seen)
+            assert ds.state_dict()["cycle"] == len(epochs)
+        epochs.append([b["sample_idx"].tolist() for b in loader])
+    finally:
+        ds.close()
+    assert epochs == expected(cfg)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_processes_are_refused(cfg: LensfeedConfig, fake: FakeProducer, workers) -> None:
+    """Even one worker: it would hold the cursor, so every epoch would start again from the
+    main process's fresh copy (cycle 0) and state_dict() would never move."""
     ds = FeedDataset(cfg, 0)
     with pytest.raises(Exception, match="num_workers=0"):
-        next(iter(DataLoader(ds, batch_size=None, num_workers=2)))
+        next(iter(DataLoader(ds, batch_size=None, num_workers=workers)))

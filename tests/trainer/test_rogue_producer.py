@@ -76,6 +76,7 @@ CASES = [
     Case("huge_ints", PROTOCOL, r"count|batch|seq|cycle|range"),
     Case("deep_nesting", PROTOCOL, r"nest|deep|depth|tensor|descriptor|msgpack"),
     Case("extra_frames", PROTOCOL, r"frame"),
+    Case("wrong_cycle_end", PROTOCOL, r"end of cycle"),
 ]
 assert {c.mode for c in CASES} == set(MODES)
 
