@@ -107,6 +107,10 @@ class Prefetcher:
         self._ready_batches = 0
         self._ready_bytes = 0
         self._gen: tuple[int, int] | None = None  # next (cycle, batch) to build; None = idle
+        # What one build adds: a chunk, or a transform's whole group (it ignores ``chunk``);
+        # learned from the last build, so the budgets hold for either.
+        self._step_batches = self.chunk
+        self._step_bytes = 0
         self._requested = -1  # newest cycle the trainer asked for
         self._epoch = 0
         self._failed = False
@@ -186,13 +190,16 @@ class Prefetcher:
         limit = self._requested + (1 if self.prepare_ahead else 0)
         if self._gen[0] > limit:
             return False
-        if self._ready_batches + self.chunk > self.max_batches:
+        if not self._ready_batches:  # nothing ready: always build (one build may exceed both)
+            self._building_paused = False
+            return True
+        if self._ready_batches + self._step_batches > self.max_batches:
             self._building_paused = True
             return False
         if self._building_paused and self._ready_batches > self._low_water:
             return False
         self._building_paused = False
-        return not (self.max_bytes and self._ready_batches and self._ready_bytes >= self.max_bytes)
+        return not (self.max_bytes and self._ready_bytes + self._step_bytes > self.max_bytes)
 
     def _run(self) -> None:
         _name_os_thread(self._thread.name)
@@ -235,6 +242,8 @@ class Prefetcher:
                     self._items.append(Ready("batch", cycle, batch, data, nbytes=nb, count=count))
                     self._ready_batches += count
                     self._ready_bytes += nb
+                    self._step_batches = max(self.chunk, count)
+                    self._step_bytes = nb
                 if end is not None:
                     self._items.append(end)
                     self._gen = (cycle + 1, 0)

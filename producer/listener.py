@@ -12,6 +12,7 @@ import logging
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from lensfeed.common import protocol as P
 from lensfeed.common.config import MAX_PREFETCH, FeedConfig
 from lensfeed.common.curve import (
     ZAP_DOMAIN,
@@ -42,6 +43,10 @@ def bind_socket(
     # the bound keeps a peer that never reads its error replies from growing a queue forever.
     sock.setsockopt(zmq.SNDHWM, MAX_PREFETCH + 1024)
     sock.setsockopt(zmq.RCVHWM, 1000)
+    # Every message a producer receives is a header alone (no tensor frames): a bigger frame is
+    # dropped by libzmq, with its connection, before it is allocated (a stranger on a tcp port
+    # cannot make the producer allocate 1000 frames of any size).
+    sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_HEADER_BYTES)
     set_heartbeats(sock, heartbeat_s)
     if keys is not None:
         apply_server(sock, keys)

@@ -34,6 +34,7 @@ log = logging.getLogger("lensfeed.producer")
 
 def build_source(cfg: LensfeedConfig, rank: int) -> ShardSource:
     """Open rank's shard and the configured transform; bad input raises LensfeedError."""
+    from lensfeed.common.errors import ShardError
     from lensfeed.common.spec import DataSpec
     from lensfeed.producer.shard import load_shard
     from lensfeed.producer.source import ShardSource
@@ -49,7 +50,14 @@ def build_source(cfg: LensfeedConfig, rank: int) -> ShardSource:
     if cfg.activations.builder == "activations":
         from lensfeed.producer.activations import build_transform
 
-        seq_len = shard.columns["input_ids"].row_shape[0]
+        tokens = shard.columns.get("input_ids")
+        if tokens is None or not tokens.row_shape:
+            why = "not in dataset.columns" if tokens is None else "one int per row"
+            raise ShardError(
+                f"{cfg.dataset.path}: the activation builder reads sequences from an "
+                f"'input_ids' column of list<int> rows (here: {why})"
+            )
+        seq_len = tokens.row_shape[0]
         transform = build_transform(cfg.activations, rank=rank, seed=cfg.seed, seq_len=seq_len)
         transform.group = max(1, cfg.activations.forward_batch_size // cfg.batch_size)
     return ShardSource(shard, spec, transform=transform)
@@ -76,8 +84,11 @@ def run_producer(cfg: LensfeedConfig, rank: int) -> int:
     try:
         try:
             source = build_source(cfg, rank)
-        except LensfeedError as exc:
-            log.error("rank %d: %s", rank, exc)
+        except Exception as exc:  # anything: the trainer must learn why, not time out
+            if isinstance(exc, LensfeedError):
+                log.error("rank %d: %s", rank, exc)
+            else:
+                log.exception("rank %d: could not start", rank)
             log.info(
                 "rank %d: waiting up to %.0f s to tell the trainer", rank, cfg.feed.error_linger_s
             )

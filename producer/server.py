@@ -235,6 +235,7 @@ class ProducerServer:
                 self.peer = None
                 self.serving = None
             self.last_peer = None
+            self.owner = None  # the session ended: any allowlisted key may start the next one
             if self.feed.exit_on_bye:
                 self._stop = 0
             return

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lensfeed.producer.ahead import Prefetcher, Ready
+from lensfeed.producer.cycle import CycleCursor
 from lensfeed.producer.shard import load_shard
 from lensfeed.producer.source import ShardSource
 from tests._util import make_dataset, make_spec
@@ -79,5 +80,47 @@ def test_ready_batches_never_exceed_the_budget(source: ShardSource) -> None:
             ahead._cv.wait_for(lambda: ahead._building_paused, timeout=5.0)
             assert ahead._building_paused
             assert ahead._ready_batches <= 7
+    finally:
+        ahead.close()
+
+
+class _GroupSource:
+    """A source whose every build is a whole group of 32 batches, whatever ``chunk`` asks for:
+    what a transform does (it builds ``transform.group`` batches per model call)."""
+
+    def __init__(self) -> None:
+        self.spec = make_spec(b=1, s=1024)
+        self.cursor = CycleCursor(self.spec, rank=0, shard_rows=5000)
+
+    def cycle_info(self, cycle: int):
+        return self.cursor.info(cycle)
+
+    def iter_chunks(self, cycle: int, start: int, max_batches: int):
+        n = self.spec.batches_in_cycle(cycle)
+        for b in range(start, n, 32):
+            k = min(32, n - b)
+            yield k, {"A": np.zeros((k, 256), np.float32)}  # 1 KiB per batch
+
+    def end_cycle(self, cycle: int) -> None:
+        pass
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("budget", "ready"),
+    [({"max_batches": 100}, 96), ({"max_batches": 1000, "max_bytes": 80 << 10}, 64)],
+    ids=["batches", "bytes"],
+)
+def test_the_budget_holds_when_a_build_is_a_whole_transform_group(budget, ready) -> None:
+    """feed.max_ahead_batches / max_ahead_bytes are the most a producer holds ready: with
+    32-batch builds it stops at the last whole group that fits, not one group past it."""
+    ahead = Prefetcher(_GroupSource(), chunk=1, **budget)
+    try:
+        ahead.reset(0, 0)
+        ahead.request(0)
+        with ahead._cv:
+            assert ahead._cv.wait_for(lambda: ahead._ready_batches >= ready, timeout=10)
+            assert ahead._ready_batches == ready
+            assert not ahead._may_build()  # the builder waits: the next group would not fit
     finally:
         ahead.close()

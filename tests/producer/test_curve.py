@@ -246,7 +246,12 @@ def test_only_the_owning_key_can_take_over_a_session(
             pytest.raises(RemoteError, match="belongs to another client key"),
         ):
             c.connect()
-        assert owner.next_cycle().index == 0  # undisturbed
+        cycle = owner.next_cycle()
+        assert cycle.index == 0  # undisturbed
+        assert sum(1 for _ in cycle) == cycle.num_batches
+        owner.close()  # goodbye: the session ends
+        with FeedClient(fp.endpoint, rank=0, spec=spec, keys_dir=other, timeout_s=10) as c:
+            assert c.next_cycle().index == 0  # another allowlisted key starts the next session
 
 
 # --------------------------------------------------------------------------- refusals

@@ -10,6 +10,8 @@ from typing import Any
 
 import msgpack
 import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from lensfeed.common import protocol as P
 from lensfeed.common.config import load_config
@@ -188,3 +190,21 @@ def test_peer_guard_summarises_what_it_did_not_log(caplog: pytest.LogCaptureFixt
     for i in range(1000):
         small.may_reply(i.to_bytes(4, "big"))
     assert len(small._buckets) == 8
+
+
+def test_a_frame_bigger_than_any_header_is_dropped_with_its_connection(
+    peers, spec: DataSpec
+) -> None:
+    """A producer only ever receives headers: libzmq drops a bigger frame (MAXMSGSIZE), and the
+    connection, before allocating it, so no peer can make it hold 1000 frames of any size. The
+    legitimate session is served as before."""
+    bad = peers()
+    monitor = bad.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        bad.send_raw(msgpack.packb({"v": 1, "kind": "credit", "n": 1, "pad": b"x" * (1 << 20)}))
+        assert monitor.poll(int(WAIT_S * 1000)), "the producer kept the connection"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+    finally:
+        bad.sock.disable_monitor()
+        monitor.close(linger=0)
+    served(peers(), spec)

@@ -525,6 +525,44 @@ def test_bind_failure_names_the_endpoint(tmp_path: Path) -> None:
         ctx.term()
 
 
+def test_the_activation_builder_refuses_input_ids_that_are_not_sequences(tmp_path: Path) -> None:
+    import datasets
+
+    path = tmp_path / "flat"
+    datasets.Dataset.from_dict({"input_ids": list(range(20))}).save_to_disk(str(path))
+    cfg = load_config(None, [f"dataset.path={path}", "activations.builder=activations"])
+    with pytest.raises(ShardError, match="list<int> rows \\(here: one int per row\\)"):
+        build_source(cfg, 0)
+
+
+def test_an_unexpected_start_up_error_is_told_to_the_trainer_too(
+    tmp_path: Path, spec: DataSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Docs 6.5 for any exception, not only lensfeed's own: the trainer learns it (code
+    'internal') instead of timing out, and the producer exits 1 after the linger."""
+    import lensfeed.producer.main as producer_main
+
+    def broken(cfg: Any, rank: int) -> Any:
+        raise IndexError("tuple index out of range")
+
+    monkeypatch.setattr(producer_main, "build_source", broken)
+    endpoint = f"ipc://{tmp_path}/start.sock"
+    cfg = load_config(None, ["world_size=1", f"feed.endpoint={endpoint}", "feed.error_linger_s=2"])
+    codes: list[int] = []
+    t = threading.Thread(target=lambda: codes.append(run_producer(cfg, 0)))
+    t.start()
+    peer = RawPeer(endpoint)
+    try:
+        peer.hello(spec)
+        got = peer.expect(P.ERROR)
+        assert (got["code"], got["fatal"]) == ("internal", True)
+        assert "IndexError" in got["message"]
+        t.join(WAIT_S)
+        assert codes == [1]
+    finally:
+        peer.close()
+
+
 def test_rank_outside_world_size_is_refused() -> None:
     cfg = load_config(None, ["world_size=2", "feed.endpoint=ipc:///tmp/lensfeed-t/{rank}.sock"])
     with pytest.raises(LensfeedError, match="--rank 2 is outside world_size 2"):
