@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from lensfeed.common import protocol as P
 from lensfeed.common.config import load_config
 from lensfeed.common.spec import DataSpec
 from tests._util import make_dataset
@@ -223,6 +224,13 @@ class Fuzz:
                     peer, case = legit, gen.case()
                 else:
                     peer, case = self.rng.choice(attackers), gen.case()
+                oversized = max(map(len, case.frames), default=0) > P.MAX_HEADER_BYTES
+                if oversized:
+                    # libzmq drops a frame over the producer's MAXMSGSIZE, and the connection
+                    # with it, before the producer sees it: sent from a peer of its own, so no
+                    # other peer's connection (and what it had in flight) goes with it.
+                    peer = self._peer("x")
+                    res.dropped_oversized += 1
                 if case.session is not None:
                     owners[case.session] = (case.label, case.valid_hello)
                 recent.append(Sent(peer.name, peer is legit, case))
@@ -237,6 +245,8 @@ class Fuzz:
                         f"{peer.name}: message {res.messages} not taken within 5 s; producer "
                         f"threads {self.producer.thread_states()}"
                     )
+                if oversized:
+                    peer.close(linger_ms=1000)  # sent before the socket goes
                 if flood is not None and sent < budget:
                     continue
                 if sent % 32 == 0 or sent == budget:

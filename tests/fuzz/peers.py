@@ -77,8 +77,8 @@ class Peer:
                     return True
         return False
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        self.sock.close(linger=linger_ms)
 
 
 def hello_frames(spec: DataSpec, session: int, *, credits: int = 8) -> list[bytes]:

@@ -86,6 +86,9 @@ class StateResult:
     probes: int = 0
     probe_failures: int = 0
     send_timeouts: int = 0
+    #: messages with a frame over the producer's MAXMSGSIZE, dropped by libzmq with their peer's
+    #: connection (each from a peer of its own)
+    dropped_oversized: int = 0
     rss_start: int = 0
     rss_peak: int = 0
     rss_end: int = 0
@@ -172,6 +175,11 @@ class FuzzReport:
         for r in self.results:
             kinds = ", ".join(f"{k} {n}" for k, n in r.answer_kinds.most_common(8))
             lines.append(f"[{r.state}] answers: {kinds or 'none'}")
+            if r.dropped_oversized:
+                lines.append(
+                    f"[{r.state}] {r.dropped_oversized} message(s) with a frame over 64 KiB: "
+                    "dropped by libzmq (MAXMSGSIZE) with their connection, unanswered"
+                )
             if r.state == "streaming":
                 lines.append(
                     f"[{r.state}] streaming client: {r.stream_batches} batches, "
