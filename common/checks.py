@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lensfeed.common import endpoints
+from lensfeed.common import protocol as P
 from lensfeed.common.errors import ConfigError
+from lensfeed.common.spec import MAX_COLUMN_NAME, MAX_SPEC_INT
 
 if TYPE_CHECKING:
     from lensfeed.common.config import LensfeedConfig
@@ -45,8 +47,18 @@ def _check_sizes(cfg: LensfeedConfig) -> None:
             raise ConfigError(f"'{key}' must be positive (got {value})")
     if cfg.feed.prefetch > MAX_PREFETCH:
         raise ConfigError(f"'feed.prefetch' must be <= {MAX_PREFETCH} (got {cfg.feed.prefetch})")
-    if cfg.seed < 0:
-        raise ConfigError(f"'seed' must be >= 0 (got {cfg.seed})")
+    if not 0 <= cfg.seed <= MAX_SPEC_INT:
+        raise ConfigError(f"'seed' must be in [0, {MAX_SPEC_INT}] (got {cfg.seed})")
+    for key, value in {
+        "world_size": cfg.world_size,
+        "batch_size": cfg.batch_size,
+        "dataset.on_the_fly.samples_per_regeneration_cycle": cfg.cycle_size,
+        "training_initial_cache_size_per_rank": cfg.initial_cycle_size,
+    }.items():
+        if value > MAX_SPEC_INT:  # what the handshake accepts (docs/protocol.md section 5)
+            raise ConfigError(f"'{key}' must be <= {MAX_SPEC_INT} (got {value})")
+    if cfg.world_size > P.MAX_RANK + 1:
+        raise ConfigError(f"'world_size' must be <= {P.MAX_RANK + 1} (got {cfg.world_size})")
     for key, value in {
         "feed.batches_per_message": cfg.feed.batches_per_message,
         "training.max_steps": cfg.training.max_steps,
@@ -61,7 +73,24 @@ def _check_sizes(cfg: LensfeedConfig) -> None:
         )
 
 
+#: Longest timeout any setting may have: ZeroMQ takes milliseconds as a C int, and every wait
+#: must end (about 24 days).
+MAX_TIMEOUT_S = float((1 << 31) - 1) // 1000
+
+
 def _check_timeouts(cfg: LensfeedConfig) -> None:
+    for key, value in {
+        "feed.timeout_s": cfg.feed.timeout_s,
+        "feed.heartbeat_timeout_s": cfg.feed.heartbeat_timeout_s,
+        "feed.reconnect_timeout_s": cfg.feed.reconnect_timeout_s,
+        "feed.error_linger_s": cfg.feed.error_linger_s,
+        "feed.idle_timeout_s": cfg.feed.idle_timeout_s,
+        "training.collective_timeout_s": cfg.training.collective_timeout_s,
+    }.items():
+        if not 0 <= value <= MAX_TIMEOUT_S:  # NaN and infinity fail here too
+            raise ConfigError(
+                f"'{key}' must be a number of seconds in [0, {MAX_TIMEOUT_S:.0f}] (got {value})"
+            )
     for key, value in {
         "feed.timeout_s": cfg.feed.timeout_s,
         "training.collective_timeout_s": cfg.training.collective_timeout_s,
@@ -106,8 +135,28 @@ def _check_data(cfg: LensfeedConfig) -> None:
         raise ConfigError(
             f"'dataset.columns' must start with 'input_ids' (got {list(cfg.dataset.columns)})"
         )
-    if len(set(cfg.dataset.columns)) != len(cfg.dataset.columns):
-        raise ConfigError(f"'dataset.columns' has duplicates (got {list(cfg.dataset.columns)})")
+    columns = list(cfg.dataset.columns)
+    if len(set(columns)) != len(columns):
+        raise ConfigError(f"'dataset.columns' has duplicates (got {columns})")
+    if any(not 0 < len(c) <= MAX_COLUMN_NAME for c in columns):
+        raise ConfigError(
+            f"'dataset.columns' names must have 1-{MAX_COLUMN_NAME} characters (got {columns})"
+        )
+    # The tensors a producer adds itself would overwrite a dataset column of the same name.
+    added = {"sample_idx", "A", "token_pos", "A_prime", "pair_sample_idx", "pair_token_pos"}
+    if cfg.activations.builder != "activations":
+        added = {"sample_idx"}
+    clash = sorted(added & set(columns))
+    if clash:
+        raise ConfigError(
+            f"'dataset.columns' {columns} names {clash}, which the producer adds to every "
+            f"batch itself ({cfg.activations.builder} builder): rename the dataset column"
+        )
+    if len(columns) + len(added) > P.MAX_TENSORS:
+        raise ConfigError(
+            f"'dataset.columns' has {len(columns)} columns: with the {len(added)} tensor(s) the "
+            f"producer adds, a batch would exceed {P.MAX_TENSORS} tensors"
+        )
 
 
 def _check_activations(cfg: LensfeedConfig) -> None:

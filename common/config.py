@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -291,8 +292,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise _unknown_key(exc) from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
-        msg = str(exc.msg).splitlines()[0]
-        raise ConfigError(f"invalid config value for '{key}': {msg}") from None
+        msg = (str(exc.msg) if exc.msg else str(exc)).splitlines()[0]
+        where = f"'{key}'" if key else f"{path or 'the overrides'} {list(overrides)}"
+        raise ConfigError(f"invalid config value for {where}: {msg}") from None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError, TypeError, ValueError) as exc:
+        # Unparseable YAML (in the file or an override), an unreadable file, an override that
+        # indexes into a list or a scalar: a config error, never a traceback.
+        what = f"config file {path}" if path is not None else "the overrides"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"cannot read {what} (overrides {list(overrides)}): {type(exc).__name__}: {first}"
+        ) from None
     assert isinstance(cfg, LensfeedConfig)
     validate(cfg)
     return cfg

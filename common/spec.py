@@ -119,7 +119,10 @@ class DataSpec:
 
 
 _MAX_TEXT = 4096
-_INT_MAX = (1 << 62) - 1
+#: Largest seed and size a data spec may hold (a peer's hello is checked against it).
+MAX_SPEC_INT = (1 << 62) - 1
+#: Longest column name a data spec may hold.
+MAX_COLUMN_NAME = 256
 
 
 def _check_field(name: str, value: Any) -> None:
@@ -131,16 +134,17 @@ def _check_field(name: str, value: Any) -> None:
         ok = (
             isinstance(value, (list, tuple))
             and 0 < len(value) <= 64
-            and all(isinstance(c, str) and 0 < len(c) <= 256 for c in value)
+            and all(isinstance(c, str) and 0 < len(c) <= MAX_COLUMN_NAME for c in value)
         )
         want = "a list of 1-64 column names"
     elif name == "shuffle":
         ok, want = type(value) is bool, "a bool"
     elif name == "seed":
-        ok, want = type(value) is int and 0 <= value <= _INT_MAX, f"an int in [0, {_INT_MAX}]"
+        ok = type(value) is int and 0 <= value <= MAX_SPEC_INT
+        want = f"an int in [0, {MAX_SPEC_INT}]"
     else:  # world_size, batch_size, cycle sizes
-        ok = type(value) is int and 1 <= value <= _INT_MAX
-        want = f"an int in [1, {_INT_MAX}]"
+        ok = type(value) is int and 1 <= value <= MAX_SPEC_INT
+        want = f"an int in [1, {MAX_SPEC_INT}]"
     if not ok:
         kind = type(value).__name__
         raise ValueError(f"data spec field '{name}' must be {want} (got a {kind})")

@@ -47,12 +47,12 @@ def bind_socket(
     # dropped by libzmq, with its connection, before it is allocated (a stranger on a tcp port
     # cannot make the producer allocate 1000 frames of any size).
     sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_HEADER_BYTES)
-    set_heartbeats(sock, heartbeat_s)
-    if keys is not None:
-        apply_server(sock, keys)
     try:
+        set_heartbeats(sock, heartbeat_s)
+        if keys is not None:
+            apply_server(sock, keys)
         sock.bind(endpoint)
-    except zmq.ZMQError as exc:
+    except Exception as exc:  # closed, or the context's term() would wait for it forever
         sock.close()
         raise LensfeedError(f"cannot bind producer endpoint {endpoint}: {exc}") from None
     return sock

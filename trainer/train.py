@@ -76,16 +76,23 @@ class Trainer:
         self.rank, self.world = init_process_group(
             timeout_s=cfg.training.collective_timeout_s, device=self.device
         )
-        if self.world != cfg.world_size:
-            raise ConfigError(
-                f"'world_size' is {cfg.world_size} in the config but the trainer runs with "
-                f"{self.world} processes; set world_size={self.world} or change --nproc_per_node"
-            )
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.spec = DataSpec.from_config(cfg)
-        self.metrics = Metrics(cfg.training.metrics_path, self.rank)
-        self.feed = FeedClient.from_config(cfg, self.rank, device=self.device)
+        self.metrics: Metrics | None = None
+        self.feed: FeedClient | None = None  # type: ignore[assignment]
+        try:
+            self._setup_rank(cfg)
+            err = None
+        except LensfeedError as exc:
+            err = exc
+        try:  # a rank that cannot set up (e.g. its key files are missing) stops every rank
+            agree(err, rank=self.rank, device=self.device)
+        except RankFailedError as exc:
+            if self.metrics is not None:
+                self.metrics.write(_status(exc, steps=0))
+            if self.feed is not None:
+                self.feed.close()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            raise
         self.model: torch.nn.Module | None = None
         self.ddp: torch.nn.Module | None = None
         self.optim: torch.optim.Optimizer | None = None
@@ -96,6 +103,18 @@ class Trainer:
         #: Step of the newest checkpoint this run wrote (or resumed from) in checkpoint_dir.
         self._saved_step = -1
 
+    def _setup_rank(self, cfg: LensfeedConfig) -> None:
+        if self.world != cfg.world_size:
+            raise ConfigError(
+                f"'world_size' is {cfg.world_size} in the config but the trainer runs with "
+                f"{self.world} processes; set world_size={self.world} or change --nproc_per_node"
+            )
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.spec = DataSpec.from_config(cfg)
+        self.metrics = Metrics(cfg.training.metrics_path, self.rank)
+        self.feed = FeedClient.from_config(cfg, self.rank, device=self.device)
+
     # ---------------------------------------------------------------- pieces
 
     def _ensure_model(self, batch: dict[str, torch.Tensor]) -> None:
@@ -105,9 +124,25 @@ class Trainer:
         self.model = build_model(batch, vocab_size=t.vocab_size, d_model=t.d_model).to(self.device)
         self.optim = torch.optim.AdamW(self.model.parameters(), lr=t.lr)
         if self._resume_state is not None:
+            self._guard(self._load_resumed)
+            self._resume_state = None  # loaded: no second copy of model and optimizer in RAM
+        self.ddp = DDP(self.model) if dist.is_initialized() else self.model
+
+    def _load_resumed(self) -> None:
+        """The checkpoint's model and optimizer into the ones built here; a checkpoint of
+        another model (e.g. another training.d_model or activations.builder) is named."""
+        assert self._resume_state is not None
+        assert self.model is not None
+        assert self.optim is not None
+        try:
             self.model.load_state_dict(self._resume_state["model"])
             self.optim.load_state_dict(self._resume_state["optim"])
-        self.ddp = DDP(self.model) if dist.is_initialized() else self.model
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = " ".join(str(exc).split())[:300]
+            raise checkpoint.CheckpointError(
+                f"{self._resumed_from} does not fit this run's model (was training.d_model, "
+                f"training.vocab_size or activations.builder changed?): {first}"
+            ) from None
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
         self._ensure_model(batch)
@@ -238,7 +273,7 @@ class Trainer:
         t_start = time.perf_counter()
         samples = 0
         self._last_loss = float("nan")
-        done = False
+        done = bool(t.max_steps and self.step >= t.max_steps)  # resumed at or past the end
         while not done and self.feed.state_dict()["cycle"] < t.num_cycles:
             cycle = self._guard(self.feed.next_cycle)
             check_same(cycle.remaining, what=f"batches in cycle {cycle.index}", device=self.device)
@@ -341,9 +376,25 @@ class Trainer:
         )
 
     def close(self) -> None:
-        self.feed.close()
+        if self.feed is not None:
+            self.feed.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _status(exc: LensfeedError, *, steps: int, rank: int = -1) -> dict[str, Any]:
+    """The failure status record: the failing rank and its cause (this rank's own failure, or
+    the one every rank learnt from the vote)."""
+    failed = exc if isinstance(exc, RankFailedError) else None
+    code = failed.failed_code if failed else exc.code
+    return {
+        "event": "status",
+        "training_status": status_for(code),
+        "failed_rank": failed.failed_rank if failed else rank,
+        "code": code,
+        "message": failed.failed_message if failed else str(exc),
+        "steps": steps,
+    }
 
 
 def run_training(cfg: LensfeedConfig) -> int:
@@ -362,20 +413,9 @@ def run_training(cfg: LensfeedConfig) -> int:
             )
         return 0
     except LensfeedError as exc:
-        failed = exc if isinstance(exc, RankFailedError) else None
-        code = failed.failed_code if failed else exc.code
         log.error("%s", exc)
-        if trainer is not None:
-            trainer.metrics.write(
-                {
-                    "event": "status",
-                    "training_status": status_for(code),
-                    "failed_rank": failed.failed_rank if failed else trainer.rank,
-                    "code": code,
-                    "message": failed.failed_message if failed else str(exc),
-                    "steps": trainer.step,
-                }
-            )
+        if trainer is not None and trainer.metrics is not None:
+            trainer.metrics.write(_status(exc, steps=trainer.step, rank=trainer.rank))
         return 1
     finally:
         if trainer is not None:

@@ -250,6 +250,19 @@ def test_scalar_for_a_section_names_key_and_value(override: str, key: str, value
         ("feed.endpoint=http://x", "'http://x'"),
         ("feed.timeout_s=0", "'feed.timeout_s' must be > 0 seconds (got 0"),
         ("training.max_steps=-1", "'training.max_steps' must be >= 0 (got -1)"),
+        # what would fail later: inside libzmq (a C int of ms), torch's timedelta, the handshake
+        ("feed.heartbeat_timeout_s=inf", "'feed.heartbeat_timeout_s' must be a number"),
+        ("feed.heartbeat_timeout_s=1e7", "in [0, 2147483] (got 10000000.0)"),
+        ("feed.error_linger_s=nan", "'feed.error_linger_s' must be a number"),
+        ("feed.idle_timeout_s=-1", "'feed.idle_timeout_s' must be a number"),
+        ("training.collective_timeout_s=inf", "'training.collective_timeout_s' must be a"),
+        ("seed=4611686018427387904", "'seed' must be in [0, 4611686018427387903]"),
+        ("world_size=1048577", "'world_size' must be <= 1048576"),
+        # a dataset column the producer would overwrite with what it adds itself
+        ("dataset.columns=[input_ids,sample_idx]", "names ['sample_idx'], which the producer"),
+        ("batch_size=[1", "cannot read the overrides"),
+        ("dataset.columns.0=foo", "cannot read the overrides"),
+        ("dataset.on_the_fly=3", "not a subclass of OnTheFlyConfig"),
     ],
 )
 def test_other_invalid_values_are_named(override: str, needle: str) -> None:
@@ -267,9 +280,12 @@ def test_collective_timeout_must_exceed_feed_timeout() -> None:
     assert "50.0 <= 100.0" in msg
 
 
-def test_malformed_override_and_missing_file() -> None:
+def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
     assert "key=value" in _config_error("batch_size")
     assert "config file not found" in _config_error(path=Path("/nonexistent/x.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_size: [1,\n")
+    assert f"cannot read config file {bad}" in _config_error(path=bad)
 
 
 def test_config_error_is_a_lensfeed_error_and_value_error() -> None:

@@ -403,3 +403,32 @@ def test_killed_rank_restarts_and_resumes_from_last_complete_step(procs, tmp_pat
         assert state["step"] == 48
         assert state["feed"]["cycle"] == 6
         assert isinstance(state["model"]["out.weight"], torch.Tensor)
+
+
+def test_a_resume_at_max_steps_trains_nothing_more(tmp_path):
+    """A run restarted after its final save (torchrun --max-restarts, resume=auto) is done: no
+    extra step, no new checkpoint."""
+    code, metrics = run_in_process(tmp_path, **{"training.max_steps": 7})
+    assert code == 0
+    saved = [s for s, _ in checkpoint.complete_steps(tmp_path / "ckpt")]
+    code, metrics = run_in_process(tmp_path, **{"training.max_steps": 7, "training.resume": "auto"})
+    assert code == 0
+    assert records(metrics, "status")[-1]["steps"] == 7
+    assert len(records(metrics, "batch")) == 7  # the first run's, none from the second
+    assert [s for s, _ in checkpoint.complete_steps(tmp_path / "ckpt")] == saved
+
+
+def test_a_checkpoint_of_another_model_is_a_checkpoint_error(tmp_path):
+    """Neither training.d_model nor the builder is part of the data fingerprint: the resume
+    must name the checkpoint and the likely cause, with a status record, not a traceback."""
+    code, _ = run_in_process(tmp_path, **{"training.max_steps": 5, "training.d_model": 64})
+    assert code == 0
+    code, metrics = run_in_process(
+        tmp_path,
+        **{"training.max_steps": 8, "training.d_model": 32, "training.resume": "auto"},
+    )
+    assert code == 1
+    status = records(metrics, "status")[-1]
+    assert status["training_status"] == "error_checkpoint"
+    assert "does not fit this run's model" in status["message"]
+    assert "size mismatch" in status["message"]

@@ -119,3 +119,56 @@ def test_producer_error_stops_every_rank(procs, tmp_path):
         assert message in status["message"]
         assert status["steps"] == 5  # both ranks finished cycle 0 and stopped together
     assert out.count(message) >= 2  # logged by both ranks
+
+
+def _rank_with_setup(rank: int, port: int, tmp: str, q) -> None:
+    """One DDP rank of test_a_rank_that_cannot_set_up_stops_every_rank (spawned)."""
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
+    )
+    os.environ["LOCAL_RANK"] = str(rank)
+    from lensfeed.common.spec import DataSpec
+    from lensfeed.producer.fake import FakeProducer
+
+    extra: dict[str, object] = {"training.collective_timeout_s": 25, "feed.timeout_s": 10}
+    extra["feed.reconnect_timeout_s"] = 10
+    if rank == 1:  # this rank's node lacks the key files: a ConfigError in its set-up
+        extra["feed.keys_dir"] = f"{tmp}/no-keys-on-this-node"
+    cfg = load_config(None, overrides(Path(tmp), 2, **extra))
+    tensors = {"input_ids": ("int32", (8,))}
+    spec = DataSpec.from_config(cfg)
+    with FakeProducer(cfg.endpoint_for(rank), spec=spec, rank=rank, tensors=tensors, shard_rows=13):
+        q.put((rank, run_training(cfg)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_rank_that_cannot_set_up_stops_every_rank(tmp_path):
+    """A failure after init_process_group but before training (e.g. missing key files on one
+    node) is voted on: every rank exits 1 with a status record naming rank 1 and its cause,
+    instead of the others dying in a collective with a backend error."""
+    import multiprocessing as mp
+
+    from tests._util import free_port
+
+    tmp_path.chmod(0o700)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    ps = [ctx.Process(target=_rank_with_setup, args=(r, port, str(tmp_path), q)) for r in (0, 1)]
+    for p in ps:
+        p.start()
+    try:
+        codes = dict(q.get(timeout=100) for _ in ps)
+    finally:
+        for p in ps:
+            p.join(timeout=20)
+            if p.is_alive():
+                p.kill()
+    assert codes == {0: 1, 1: 1}
+    for name in ("metrics.jsonl", "metrics.rank1.jsonl"):
+        status = records(tmp_path / name, "status")[-1]
+        assert (status["failed_rank"], status["code"]) == (1, "config")
+        assert "trainer.key_secret not found" in status["message"]
