@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lensfeed.common import endpoints
-from lensfeed.common import protocol as P
+from lensfeed.common import limits as P
 from lensfeed.common.errors import ConfigError
 from lensfeed.common.spec import MAX_COLUMN_NAME, MAX_SPEC_INT
 

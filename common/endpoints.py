@@ -141,6 +141,7 @@ def validate(feed: FeedConfig, world_size: int) -> None:
             "rank, in rank order"
         )
     seen: dict[tuple[int, str], int] = {}
+    bound: dict[tuple[int, str], int] = {}
     for rank in range(world_size):
         try:
             endpoint = endpoint_for(feed, world_size, rank)
@@ -161,6 +162,15 @@ def validate(feed: FeedConfig, world_size: int) -> None:
                 f"ranks {other} and {rank} would share the endpoint {endpoint!r}: give every rank "
                 "its own (e.g. {rank} or {port} in feed.endpoint, or one line per rank in "
                 "feed.endpoints)"
+            )
+        # Producers reached at one host (tcp) or on one node (ipc) bind there: two binds alike
+        # would collide at start.
+        host = endpoint.rpartition(":")[0] if endpoint.startswith("tcp://") else rank // per
+        other = bound.setdefault((host, bind), rank)
+        if other != rank:
+            raise ConfigError(
+                f"ranks {other} and {rank} would bind the same address {bind!r} on one host: "
+                "give feed.bind a per-rank port (e.g. tcp://0.0.0.0:{port})"
             )
 
 

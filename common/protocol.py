@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lensfeed.common.errors import ProtocolError
+from lensfeed.common.limits import MAX_HEADER_BYTES, MAX_RANK, MAX_TENSORS
 
 # ZeroMQ frames are read-only and so are the tensors made over them (documented); torch warns
 # about that on every frombuffer. One filter, installed once and scoped to the warnings this
@@ -33,8 +34,6 @@ warnings.filterwarnings(
 )
 
 PROTOCOL_VERSION = 1
-MAX_HEADER_BYTES = 64 * 1024
-MAX_TENSORS = 64
 MAX_NDIM = 8
 
 # trainer -> producer
@@ -118,7 +117,6 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
 
 #: Inclusive ranges of integer fields (any kind). Everything a peer sends is range-checked here,
 #: before use, so no counter can overflow a C long, a numpy index or a tensor shape downstream.
-MAX_RANK = (1 << 20) - 1
 MAX_COUNTER = (1 << 31) - 1  # cycles, batches, credits: far beyond any real run
 MAX_ROWS = (1 << 62) - 1  # rows, positions and wrap counts of a shard
 MAX_DIM = (1 << 31) - 1  # one tensor dimension

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,7 +51,9 @@ class DataSpec:
                 f"dtype={act.dtype},pairs={act.pairs},forward_batch={act.forward_batch_size}" + tiny
             )
         return cls(
-            dataset=cfg.dataset.path,
+            # One spelling per path ('data/demo', './data/demo', 'data/demo/'): the fingerprint
+            # must not tell them apart.
+            dataset=os.path.normpath(cfg.dataset.path) if cfg.dataset.path else "",
             columns=tuple(cfg.dataset.columns),
             world_size=cfg.world_size,
             batch_size=cfg.batch_size,

@@ -69,6 +69,7 @@ def test_tcp_endpoints_must_differ_everywhere_and_ports_come_from_the_base() -> 
         (["feed.endpoints=[tcp://a:x,tcp://a:70000]"], "a tcp port is a number in 1-65535"),
         ([f"feed.endpoint=ipc:///tmp/{'d' * 100}/{{rank}}.sock"], "at most 107 bytes"),
         (["feed.bind=tcp://0.0.0.0:{port}x"], "a tcp port is a number in 1-65535"),
+        (["feed.endpoint=tcp://h:{port}", "feed.bind=tcp://0.0.0.0:6000"], "bind the same"),
         (["feed.endpoints=[tcp://a:1]"], "lists 1 endpoint(s) for world_size 2"),
         (["feed.endpoints=[tcp://a:1,tcp://a:1]"], "ranks 0 and 1 would share"),
         (["feed.ranks_per_node=-1"], "must be >= 0"),
