@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import datasets
@@ -173,3 +173,24 @@ def run_in_process(tmp_path: Path, **extra: object) -> tuple[int, Path]:
     ):
         code = run_training(cfg)
     return code, Path(cfg.training.metrics_path)
+
+
+def run_ranks(target: Callable[..., None], tmp: Path, *, world: int = 2, timeout_s: float = 90):
+    """Run ``target(rank, port, str(tmp), queue)`` in ``world`` spawned processes (a gloo group
+    on a free port); each puts ``(rank, result)`` on the queue. Returns ``{rank: result}`` and
+    leaves no process behind."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    ps = [ctx.Process(target=target, args=(r, port, str(tmp), out)) for r in range(world)]
+    for p in ps:
+        p.start()
+    try:
+        return dict(out.get(timeout=timeout_s) for _ in ps)
+    finally:
+        for p in ps:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()

@@ -19,7 +19,13 @@ import torch
 from lensfeed.common.config import load_config
 from lensfeed.common.errors import ConfigError, LensfeedError
 from lensfeed.trainer import checkpoint
-from tests._util import free_port, make_dataset, python_cmd, run_in_process, torchrun_cmd
+from tests._util import (
+    make_dataset,
+    python_cmd,
+    run_in_process,
+    run_ranks,
+    torchrun_cmd,
+)
 from tests._util import read_records as records
 
 pytestmark = pytest.mark.timeout(120)
@@ -256,19 +262,7 @@ def _resume_rank(rank: int, port: int, tmp: str, out: mp.Queue) -> None:
 @pytest.mark.slow
 def test_ranks_that_resolve_different_steps_fail_together(tmp_path):
     write_step(tmp_path / "ck0", 8)  # rank 0 sees step 8, rank 1 sees nothing
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    ps = [ctx.Process(target=_resume_rank, args=(r, port, str(tmp_path), out)) for r in (0, 1)]
-    for p in ps:
-        p.start()
-    try:
-        got = dict(out.get(timeout=90) for _ in ps)
-    finally:
-        for p in ps:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    got = run_ranks(_resume_rank, tmp_path)
     for r in (0, 1):
         assert "ranks disagree on the checkpoint step to resume from" in got[r], got
         assert "values range from -1 to 8" in got[r]

@@ -8,7 +8,7 @@ import pytest
 
 from lensfeed.common.config import load_config
 from lensfeed.trainer.train import run_training
-from tests._util import python_cmd, run_in_process
+from tests._util import python_cmd, run_in_process, run_ranks
 from tests._util import read_records as records
 from tests._util import trainer_overrides as overrides
 
@@ -149,24 +149,8 @@ def test_a_rank_that_cannot_set_up_stops_every_rank(tmp_path):
     """A failure after init_process_group but before training (e.g. missing key files on one
     node) is voted on: every rank exits 1 with a status record naming rank 1 and its cause,
     instead of the others dying in a collective with a backend error."""
-    import multiprocessing as mp
-
-    from tests._util import free_port
-
     tmp_path.chmod(0o700)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    ps = [ctx.Process(target=_rank_with_setup, args=(r, port, str(tmp_path), q)) for r in (0, 1)]
-    for p in ps:
-        p.start()
-    try:
-        codes = dict(q.get(timeout=100) for _ in ps)
-    finally:
-        for p in ps:
-            p.join(timeout=20)
-            if p.is_alive():
-                p.kill()
+    codes = run_ranks(_rank_with_setup, tmp_path, timeout_s=100)
     assert codes == {0: 1, 1: 1}
     for name in ("metrics.jsonl", "metrics.rank1.jsonl"):
         status = records(tmp_path / name, "status")[-1]
