@@ -90,6 +90,13 @@ class RankFailedError(LensfeedError):
         self.failed_message = message
 
 
+class RanksDisagreeError(LensfeedError):
+    """The ranks hold different values that must agree (e.g. batches in a cycle, the step to
+    resume from): no single rank is at fault, so the status names none (``failed_rank`` -1)."""
+
+    code = "ranks_disagree"
+
+
 __all__ = [
     "AuthenticationError",
     "ConfigError",
@@ -99,6 +106,7 @@ __all__ = [
     "ProducerTimeoutError",
     "ProtocolError",
     "RankFailedError",
+    "RanksDisagreeError",
     "RemoteError",
     "ShardError",
     "StateMismatchError",

@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from lensfeed.common.errors import LensfeedError, RankFailedError
+from lensfeed.common.errors import RankFailedError, RanksDisagreeError
 
 _MSG_BYTES = 4096
 
@@ -101,7 +101,7 @@ def check_same(value: int, *, what: str, device: torch.device, hint: str = _SAME
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     hi, lo = int(t[0]), -int(t[1])
     if hi != lo:
-        raise LensfeedError(
+        raise RanksDisagreeError(
             f"ranks disagree on {what}: values range from {lo} to {hi} (this rank: {value}); "
             + hint
         )

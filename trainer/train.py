@@ -390,7 +390,7 @@ def _status(exc: LensfeedError, *, steps: int, rank: int = -1) -> dict[str, Any]
     return {
         "event": "status",
         "training_status": status_for(code),
-        "failed_rank": failed.failed_rank if failed else rank,
+        "failed_rank": failed.failed_rank if failed else (-1 if code == "ranks_disagree" else rank),
         "code": code,
         "message": failed.failed_message if failed else str(exc),
         "steps": steps,

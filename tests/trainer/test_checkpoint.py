@@ -254,7 +254,7 @@ def _resume_rank(rank: int, port: int, tmp: str, out: mp.Queue) -> None:
         trainer._resume()
         out.put((rank, "resumed"))
     except LensfeedError as exc:
-        out.put((rank, str(exc)))
+        out.put((rank, f"{type(exc).__name__} ({exc.code}): {exc}"))
     finally:
         trainer.close()
 
@@ -266,6 +266,7 @@ def test_ranks_that_resolve_different_steps_fail_together(tmp_path):
     for r in (0, 1):
         assert "ranks disagree on the checkpoint step to resume from" in got[r], got
         assert "values range from -1 to 8" in got[r]
+        assert got[r].startswith("RanksDisagreeError (ranks_disagree)")  # no rank to blame
 
 
 # --------------------------------------------------------------------------- a killed rank

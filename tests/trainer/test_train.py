@@ -156,3 +156,14 @@ def test_a_rank_that_cannot_set_up_stops_every_rank(tmp_path):
         status = records(tmp_path / name, "status")[-1]
         assert (status["failed_rank"], status["code"]) == (1, "config")
         assert "trainer.key_secret not found" in status["message"]
+
+
+def test_a_disagreement_of_the_ranks_blames_no_rank() -> None:
+    """Ranks that hold different values (e.g. batches in a cycle) all fail, none at fault: the
+    status says so instead of every rank naming itself."""
+    from lensfeed.common.errors import RanksDisagreeError
+    from lensfeed.trainer.train import _status
+
+    status = _status(RanksDisagreeError("ranks disagree on x"), steps=3, rank=1)
+    assert (status["failed_rank"], status["code"]) == (-1, "ranks_disagree")
+    assert status["training_status"] == "error_ranks_disagree"
