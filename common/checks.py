@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lensfeed.common import endpoints
-from lensfeed.common import limits as P
 from lensfeed.common.errors import ConfigError
-from lensfeed.common.spec import MAX_COLUMN_NAME, MAX_SPEC_INT
+from lensfeed.common.limits import MAX_RANK, MAX_TENSORS
+from lensfeed.common.spec import MAX_COLUMN_NAME, MAX_SPEC_INT, added_tensors
 
 if TYPE_CHECKING:
     from lensfeed.common.config import LensfeedConfig
@@ -57,8 +57,8 @@ def _check_sizes(cfg: LensfeedConfig) -> None:
     }.items():
         if value > MAX_SPEC_INT:  # what the handshake accepts (docs/protocol.md section 5)
             raise ConfigError(f"'{key}' must be <= {MAX_SPEC_INT} (got {value})")
-    if cfg.world_size > P.MAX_RANK + 1:
-        raise ConfigError(f"'world_size' must be <= {P.MAX_RANK + 1} (got {cfg.world_size})")
+    if cfg.world_size > MAX_RANK + 1:
+        raise ConfigError(f"'world_size' must be <= {MAX_RANK + 1} (got {cfg.world_size})")
     for key, value in {
         "feed.batches_per_message": cfg.feed.batches_per_message,
         "training.max_steps": cfg.training.max_steps,
@@ -97,12 +97,6 @@ def _check_timeouts(cfg: LensfeedConfig) -> None:
     }.items():
         if not value > 0:
             raise ConfigError(f"'{key}' must be > 0 seconds (got {value})")
-    for key, value in {
-        "feed.heartbeat_timeout_s": cfg.feed.heartbeat_timeout_s,
-        "feed.reconnect_timeout_s": cfg.feed.reconnect_timeout_s,
-    }.items():
-        if not value >= 0:
-            raise ConfigError(f"'{key}' must be >= 0 seconds (got {value})")
     if 0 < cfg.feed.heartbeat_timeout_s < 0.2:
         raise ConfigError(
             f"'feed.heartbeat_timeout_s' must be 0 (off) or >= 0.2 s (got "
@@ -143,19 +137,18 @@ def _check_data(cfg: LensfeedConfig) -> None:
             f"'dataset.columns' names must have 1-{MAX_COLUMN_NAME} characters (got {columns})"
         )
     # The tensors a producer adds itself would overwrite a dataset column of the same name.
-    added = {"sample_idx", "A", "token_pos", "A_prime", "pair_sample_idx", "pair_token_pos"}
-    if cfg.activations.builder != "activations":
-        added = {"sample_idx"}
+    required, optional = added_tensors(cfg.activations.builder)
+    added = {*required, *optional}
     clash = sorted(added & set(columns))
     if clash:
         raise ConfigError(
             f"'dataset.columns' {columns} names {clash}, which the producer adds to every "
             f"batch itself ({cfg.activations.builder} builder): rename the dataset column"
         )
-    if len(columns) + len(added) > P.MAX_TENSORS:
+    if len(columns) + len(added) > MAX_TENSORS:
         raise ConfigError(
             f"'dataset.columns' has {len(columns)} columns: with the {len(added)} tensor(s) the "
-            f"producer adds, a batch would exceed {P.MAX_TENSORS} tensors"
+            f"producer adds, a batch would exceed {MAX_TENSORS} tensors"
         )
 
 

@@ -295,7 +295,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         msg = (str(exc.msg) if exc.msg else str(exc)).splitlines()[0]
         where = f"'{key}'" if key else f"{path or 'the overrides'} {list(overrides)}"
         raise ConfigError(f"invalid config value for {where}: {msg}") from None
-    except (yaml.YAMLError, OSError, UnicodeDecodeError, TypeError, ValueError) as exc:
+    except (yaml.YAMLError, OSError, TypeError, ValueError) as exc:
         # Unparseable YAML (in the file or an override), an unreadable file, an override that
         # indexes into a list or a scalar: a config error, never a traceback.
         what = f"config file {path}" if path is not None else "the overrides"

@@ -95,6 +95,7 @@ class RanksDisagreeError(LensfeedError):
     resume from): no single rank is at fault, so the status names none (``failed_rank`` -1)."""
 
     code = "ranks_disagree"
+    failed_rank = -1
 
 
 __all__ = [

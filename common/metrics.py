@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def metrics_file(metrics_path: str | Path, rank: int) -> Path:
-    """Rank 0 writes ``metrics_path``, rank r ``<stem>.rank<r><suffix>`` (trainer.train.Metrics)."""
+    """Rank 0 writes ``metrics_path``, rank r ``<stem>.rank<r><suffix>``
+    (``trainer.records.Metrics``)."""
     p = Path(metrics_path)
     return p if rank == 0 else p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
 

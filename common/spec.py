@@ -87,13 +87,8 @@ class DataSpec:
     def tensor_contract(self) -> tuple[dict[str, str], dict[str, str]]:
         """What a producer of this spec sends in every batch: ``(required, optional)`` maps of
         tensor name -> ``"int"`` or ``"float"``. The client holds each batch to it."""
-        required = {c: "int" for c in self.columns}
-        required["sample_idx"] = "int"
-        optional: dict[str, str] = {}
-        if self.builder == "activations":
-            required.update(A="float", token_pos="int")
-            optional.update(A_prime="float", pair_sample_idx="int", pair_token_pos="int")
-        return required, optional
+        added, optional = added_tensors(self.builder)
+        return {**{c: "int" for c in self.columns}, **added}, optional
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -119,6 +114,15 @@ class DataSpec:
             return 0
         b = self.batch_size
         return (self.initial_cycle_size // b) * b + (cycle - 1) * (self.cycle_size // b) * b
+
+
+def added_tensors(builder: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The tensors a producer adds to every batch beside the dataset's columns, ``(required,
+    optional)`` maps of name -> ``"int"`` or ``"float"``: a column may not be named like one."""
+    if builder != "activations":
+        return {"sample_idx": "int"}, {}
+    required = {"sample_idx": "int", "A": "float", "token_pos": "int"}
+    return required, {"A_prime": "float", "pair_sample_idx": "int", "pair_token_pos": "int"}
 
 
 _MAX_TEXT = 4096

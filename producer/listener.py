@@ -12,7 +12,6 @@ import logging
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from lensfeed.common import protocol as P
 from lensfeed.common.config import MAX_PREFETCH, FeedConfig
 from lensfeed.common.curve import (
     ZAP_DOMAIN,
@@ -23,6 +22,7 @@ from lensfeed.common.curve import (
     server_keys,
 )
 from lensfeed.common.errors import ConfigError, LensfeedError
+from lensfeed.common.limits import MAX_HEADER_BYTES
 from lensfeed.common.transport import set_heartbeats
 
 log = logging.getLogger("lensfeed.producer")
@@ -46,7 +46,7 @@ def bind_socket(
     # Every message a producer receives is a header alone (no tensor frames): a bigger frame is
     # dropped by libzmq, with its connection, before it is allocated (a stranger on a tcp port
     # cannot make the producer allocate 1000 frames of any size).
-    sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_HEADER_BYTES)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES)
     try:
         set_heartbeats(sock, heartbeat_s)
         if keys is not None:

@@ -22,7 +22,7 @@ from lensfeed.common.config import (
     shard_size_warnings,
 )
 from lensfeed.common.env import env_rank
-from lensfeed.common.errors import LensfeedError
+from lensfeed.common.errors import LensfeedError, ShardError
 from lensfeed.common.logs import setup_logging
 from lensfeed.producer.supervisor import add_supervisor_arguments, parse_ranks, supervise
 
@@ -34,7 +34,6 @@ log = logging.getLogger("lensfeed.producer")
 
 def build_source(cfg: LensfeedConfig, rank: int) -> ShardSource:
     """Open rank's shard and the configured transform; bad input raises LensfeedError."""
-    from lensfeed.common.errors import ShardError
     from lensfeed.common.spec import DataSpec
     from lensfeed.producer.shard import load_shard
     from lensfeed.producer.source import ShardSource

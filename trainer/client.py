@@ -387,11 +387,10 @@ class FeedClient:
         if kind != P.CYCLE_END:
             raise ProtocolError(f"{self._where()}: expected end of cycle, got {kind}")
         if header["cycle"] != cycle.index or header["batches"] != cycle.num_batches:
-            self._failed = ProtocolError(
+            raise ProtocolError(
                 f"{self._where()}: end of cycle {header['cycle']} with {header['batches']} "
                 f"batches, expected cycle {cycle.index} with {cycle.num_batches}"
             )
-            raise self._failed
         cycle.regen_s = float(header["regen_s"])
         cycle.done = True
         self._end_cycle()

@@ -8,7 +8,6 @@ with the model, and resume exactly.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -23,7 +22,6 @@ from tqdm import tqdm
 from lensfeed.common.config import LensfeedConfig
 from lensfeed.common.env import env_local_rank
 from lensfeed.common.errors import ConfigError, LensfeedError, RankFailedError
-from lensfeed.common.metrics import metrics_file
 from lensfeed.common.spec import DataSpec
 from lensfeed.trainer import checkpoint
 from lensfeed.trainer.client import FeedClient
@@ -31,30 +29,9 @@ from lensfeed.trainer.cycles import Cycle
 from lensfeed.trainer.device import resolve_device
 from lensfeed.trainer.lockstep import agree, check_same, init_process_group
 from lensfeed.trainer.models import build_model
+from lensfeed.trainer.records import STATUS_OK, Metrics, failure_status, status_for
 
 log = logging.getLogger("lensfeed.trainer")
-
-#: Status values of the final metrics record (the original's ``training_status``).
-STATUS_OK = "ok"
-_STATUS_BY_CODE = {"empty_shard": "error_empty_cache_regen"}
-
-
-def status_for(code: str) -> str:
-    return _STATUS_BY_CODE.get(code, f"error_{code}")
-
-
-class Metrics:
-    """Append-only JSONL metrics; rank 0 writes ``metrics_path``, rank r ``<stem>.rank<r>``."""
-
-    def __init__(self, path: str, rank: int) -> None:
-        p = metrics_file(path, rank)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        self.path = p
-        self.rank = rank
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"rank": self.rank, "time": time.time(), **record}) + "\n")
 
 
 def batch_digest(batch: dict[str, torch.Tensor]) -> str:
@@ -77,7 +54,7 @@ class Trainer:
             timeout_s=cfg.training.collective_timeout_s, device=self.device
         )
         self.metrics: Metrics | None = None
-        self.feed: FeedClient | None = None  # type: ignore[assignment]
+        self.feed: FeedClient | None = None
         try:
             self._setup_rank(cfg)
             err = None
@@ -87,7 +64,7 @@ class Trainer:
             agree(err, rank=self.rank, device=self.device)
         except RankFailedError as exc:
             if self.metrics is not None:
-                self.metrics.write(_status(exc, steps=0))
+                self.metrics.write(failure_status(exc, steps=0))
             if self.feed is not None:
                 self.feed.close()
             if dist.is_initialized():
@@ -382,21 +359,6 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def _status(exc: LensfeedError, *, steps: int, rank: int = -1) -> dict[str, Any]:
-    """The failure status record: the failing rank and its cause (this rank's own failure, or
-    the one every rank learnt from the vote)."""
-    failed = exc if isinstance(exc, RankFailedError) else None
-    code = failed.failed_code if failed else exc.code
-    return {
-        "event": "status",
-        "training_status": status_for(code),
-        "failed_rank": failed.failed_rank if failed else (-1 if code == "ranks_disagree" else rank),
-        "code": code,
-        "message": failed.failed_message if failed else str(exc),
-        "steps": steps,
-    }
-
-
 def run_training(cfg: LensfeedConfig) -> int:
     """Train; returns the exit code. Failures of any rank end every rank with code 1."""
     trainer = None
@@ -415,7 +377,7 @@ def run_training(cfg: LensfeedConfig) -> int:
     except LensfeedError as exc:
         log.error("%s", exc)
         if trainer is not None and trainer.metrics is not None:
-            trainer.metrics.write(_status(exc, steps=trainer.step, rank=trainer.rank))
+            trainer.metrics.write(failure_status(exc, steps=trainer.step, rank=trainer.rank))
         return 1
     finally:
         if trainer is not None:

@@ -162,8 +162,8 @@ def test_a_disagreement_of_the_ranks_blames_no_rank() -> None:
     """Ranks that hold different values (e.g. batches in a cycle) all fail, none at fault: the
     status says so instead of every rank naming itself."""
     from lensfeed.common.errors import RanksDisagreeError
-    from lensfeed.trainer.train import _status
+    from lensfeed.trainer.records import failure_status
 
-    status = _status(RanksDisagreeError("ranks disagree on x"), steps=3, rank=1)
+    status = failure_status(RanksDisagreeError("ranks disagree on x"), steps=3, rank=1)
     assert (status["failed_rank"], status["code"]) == (-1, "ranks_disagree")
     assert status["training_status"] == "error_ranks_disagree"
