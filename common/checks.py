@@ -102,16 +102,19 @@ def _check_timeouts(cfg: LensfeedConfig) -> None:
             f"'feed.heartbeat_timeout_s' must be 0 (off) or >= 0.2 s (got "
             f"{cfg.feed.heartbeat_timeout_s})"
         )
-    for key, value in {
-        "feed.timeout_s": cfg.feed.timeout_s,
-        "feed.reconnect_timeout_s": cfg.feed.reconnect_timeout_s,
-    }.items():
-        if cfg.training.collective_timeout_s <= value:
-            raise ConfigError(
-                f"'training.collective_timeout_s' must exceed '{key}' (got "
-                f"{cfg.training.collective_timeout_s} <= {value}): the other ranks wait in a "
-                "collective while one rank waits for, or reconnects to, its producer"
-            )
+    # The longest a rank's next() can take: a wait that ends in a loss just before its
+    # timeout, the reconnect window, then a full wait on the new session (a restarted producer
+    # regenerating its first cycle). The other ranks sit in a collective all that time.
+    feed = cfg.feed
+    longest = 2 * feed.timeout_s + feed.reconnect_timeout_s
+    if cfg.world_size > 1 and cfg.training.collective_timeout_s <= longest:
+        raise ConfigError(
+            "'training.collective_timeout_s' must exceed 2 * 'feed.timeout_s' + "
+            f"'feed.reconnect_timeout_s' (got {cfg.training.collective_timeout_s:g} <= "
+            f"2 * {feed.timeout_s:g} + {feed.reconnect_timeout_s:g} = {longest:g}): the other "
+            "ranks wait in a collective while one rank waits for its producer, reconnects and "
+            "waits for the new session's first batch"
+        )
 
 
 def _check_data(cfg: LensfeedConfig) -> None:

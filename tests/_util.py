@@ -147,7 +147,7 @@ def trainer_overrides(tmp_path: Path, world_size: int = 1, **extra: object) -> l
         "feed.endpoint": f"ipc://{tmp_path}/feed-{{rank}}.sock",
         "feed.timeout_s": 20,
         "feed.reconnect_timeout_s": 20,
-        "training.collective_timeout_s": 60,
+        "training.collective_timeout_s": 70,
         "training.num_cycles": 3,
         "training.progress": "false",
         "training.log_batches": "true",

@@ -156,7 +156,7 @@ def test_demo_fails_and_stops_producers_when_a_producer_fails(tmp_path: Path, pr
         "feed.error_linger_s=30",
         "feed.timeout_s=30",
         "feed.reconnect_timeout_s=20",
-        "training.collective_timeout_s=60",
+        "training.collective_timeout_s=90",
     )
     t0 = time.monotonic()
     p = procs.start(cmd, cwd=tmp_path)

@@ -112,7 +112,7 @@ def overrides(run: Path, data: Path, **extra: object) -> list[str]:
         "feed.timeout_s": 60,
         "feed.heartbeat_timeout_s": 1,
         "feed.reconnect_timeout_s": 30,
-        "training.collective_timeout_s": 120,
+        "training.collective_timeout_s": 160,
         "training.num_cycles": CYCLES,
         "training.progress": "false",
         "training.log_batches": "true",

@@ -275,9 +275,16 @@ def test_multi_rank_endpoint_needs_rank_placeholder() -> None:
     assert "ipc:///tmp/x.sock" in msg
 
 
-def test_collective_timeout_must_exceed_feed_timeout() -> None:
-    msg = _config_error("feed.timeout_s=100", "training.collective_timeout_s=50")
-    assert "50.0 <= 100.0" in msg
+def test_collective_timeout_must_outlast_the_longest_next() -> None:
+    """A rank's next() can wait timeout_s, reconnect for reconnect_timeout_s, then wait
+    timeout_s again; the other ranks must still be in their collective when it is done."""
+    base = ["world_size=2", "feed.endpoint=ipc:///tmp/x-{rank}.sock"]
+    sizes = ["feed.timeout_s=100", "feed.reconnect_timeout_s=150"]
+    msg = _config_error(*base, *sizes, "training.collective_timeout_s=300")
+    assert "300 <= 2 * 100 + 150 = 350" in msg
+    assert load_config(None, [*base, *sizes, "training.collective_timeout_s=351"])
+    # With one rank nobody waits in a collective: a slow model's timeout needs nothing more.
+    assert load_config(None, [*sizes, "training.collective_timeout_s=300"])
 
 
 def test_malformed_override_and_missing_file(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ def overrides(tmp_path: Path, data: Path, **extra: object) -> list[str]:
         "feed.heartbeat_timeout_s": 1,
         "feed.reconnect_timeout_s": 30,
         "feed.exit_on_bye": "true",
-        "training.collective_timeout_s": 90,
+        "training.collective_timeout_s": 100,
         "training.num_cycles": 3,
         "training.progress": "false",
         "training.log_batches": "true",

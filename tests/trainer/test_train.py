@@ -132,7 +132,7 @@ def _rank_with_setup(rank: int, port: int, tmp: str, q) -> None:
     from lensfeed.common.spec import DataSpec
     from lensfeed.producer.fake import FakeProducer
 
-    extra: dict[str, object] = {"training.collective_timeout_s": 25, "feed.timeout_s": 10}
+    extra: dict[str, object] = {"training.collective_timeout_s": 35, "feed.timeout_s": 10}
     extra["feed.reconnect_timeout_s"] = 10
     if rank == 1:  # this rank's node lacks the key files: a ConfigError in its set-up
         extra["feed.keys_dir"] = f"{tmp}/no-keys-on-this-node"
