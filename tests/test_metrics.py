@@ -17,6 +17,7 @@ import pytest
 
 from lensfeed import demo as D
 from lensfeed import metrics as M
+from lensfeed.common.errors import LensfeedError
 from lensfeed.trainer.client import FeedStats
 from tests._util import Procs, python_cmd, read_records, torchrun_cmd
 
@@ -36,7 +37,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "feed.endpoint": f"ipc://{d}/feed-{{rank}}.sock",
         "feed.timeout_s": 20,
         "feed.reconnect_timeout_s": 20,
-        "training.collective_timeout_s": 60,
+        "training.collective_timeout_s": 70,
         "training.num_cycles": CYCLES,
         "training.progress": "false",
         "training.checkpoint_dir": str(d / "ckpt"),
@@ -205,7 +206,35 @@ def test_runs_are_split_at_start_and_the_last_is_the_default(tmp_path: Path) -> 
     assert first.ranks[0].status == "error_timeout"
     assert "rank 0: no answer" in first.table()
     assert len(M.summarize(M.read_run(m, None)).cycles) == 3
-    assert M.read_run(m, 7) == {0: []}
+    with pytest.raises(LensfeedError, match=r"no run 7 in .*m.jsonl: it holds 3 runs \(0..2"):
+        M.read_run(m, 7)
+
+
+def _timed(t: float, *records: dict) -> list[dict]:
+    return [{**r, "time": t + i} for i, r in enumerate(records)]
+
+
+def test_each_rank_contributes_its_part_of_rank_0s_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ranks need not hold the same runs: a resume on fewer ranks leaves the extra ranks'
+    files behind, and a rank can die before writing anything. Rank 0 names the run and each
+    other rank's part of it is the one that began at the same time, or none."""
+    files = [tmp_path / "m.jsonl", *(tmp_path / f"m.rank{r}.jsonl" for r in (1, 2, 3))]
+    for r, f in enumerate(files):  # run 0: four ranks
+        _write(f, _timed(1000.0 + r / 10, _start(4), _cycle(0, 1.0 + r), _status()))
+    _write(files[0], _timed(2000.0, _start(2), _cycle(0, 10.0), _status()))  # run 1: two ranks
+    # ... whose rank 1 wrote nothing (killed at start-up): it is missing, not run 0's rank 1.
+    last = M.read_run(tmp_path)
+    assert sorted(last) == [0, 1]
+    assert last[1] == []
+    assert [(c.rank, c.samples_per_s) for c in M.summarize(last).cycles] == [(0, 10.0)]
+    first = M.summarize(M.read_run(tmp_path, 0))
+    assert [(c.rank, c.samples_per_s) for c in first.cycles] == [(r, 1.0 + r) for r in range(4)]
+    _write(files[1], _timed(2000.3, _start(2), _cycle(0, 11.0)))  # rank 1 came late: running
+    assert [c.samples_per_s for c in M.summarize(M.read_run(tmp_path)).cycles] == [10.0, 11.0]
+    assert M.main([str(tmp_path), "--run", "2"]) == 1
+    assert "no run 2 in" in capsys.readouterr().err
 
 
 def test_missing_and_unfinished_ranks_are_shown(

@@ -105,20 +105,63 @@ def split_runs(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 def read_run(run: str | Path | Mapping[int, Path], which: int | None = -1) -> Records:
     """The records of one run per rank (``which``: index among the runs in the files, negative
     from the end; ``None``: all of them). ``run`` is as for :func:`rank_files`, or its result.
-    Ranks a ``start`` record names but whose file is missing get no records, so the table
-    shows them as missing."""
+
+    Runs are counted in rank 0's file (the lowest rank's, without it), and each other rank's
+    part of the chosen run is its run that began nearest in time: ranks need not hold the same
+    runs (a resume with fewer ranks leaves the extra ranks' files behind, a rank may fail
+    before writing anything). Ranks beyond the run's ``world_size`` are left out; ranks within
+    it whose file or part is missing get no records, so the table shows them as missing.
+    """
     files = run if isinstance(run, Mapping) else rank_files(run)
-    out: Records = {}
-    for rank, path in files.items():
-        runs = split_runs(read_jsonl(path))
-        if which is None:
-            out[rank] = [r for part in runs for r in part]
-        else:
-            out[rank] = runs[which] if -len(runs) <= which < len(runs) else []
-    world = max((int(r.get("world_size", 0)) for rs in out.values() for r in rs), default=0)
+    runs = {rank: split_runs(read_jsonl(path)) for rank, path in files.items()}
+    if which is None:
+        out: Records = {rank: [r for part in parts for r in part] for rank, parts in runs.items()}
+        world = max((int(r.get("world_size", 0)) for rs in out.values() for r in rs), default=0)
+    else:
+        lead = min(runs)
+        if not -len(runs[lead]) <= which < len(runs[lead]):
+            held = len(runs[lead])
+            raise LensfeedError(
+                f"no run {which} in {files[lead]}: it holds {held} run{'' if held == 1 else 's'}"
+                + (f" (0..{held - 1}, or -1 for the last)" if held else "")
+            )
+        chosen = runs[lead][which]
+        starts = [r for r in chosen if r.get("event") == "start"]
+        world = int(starts[0].get("world_size", 0)) if starts else max(runs) + 1
+        out = {lead: chosen}
+        for rank, parts in runs.items():
+            if rank != lead and rank < world:
+                out[rank] = _matching_part(parts, runs[lead], which)
     for rank in range(world):
         out.setdefault(rank, [])
     return dict(sorted(out.items()))
+
+
+def _began(part: Sequence[dict[str, Any]]) -> float:
+    """When a run (one rank's part of it) began: its first record's time; NaN without one."""
+    t = part[0].get("time") if part else None
+    return float(t) if isinstance(t, int | float) else math.nan
+
+
+def _matching_part(
+    parts: Sequence[list[dict[str, Any]]], lead: Sequence[list[dict[str, Any]]], which: int
+) -> list[dict[str, Any]]:
+    """The one of a rank's ``parts`` that belongs to the lead rank's run ``which``: of the
+    parts that began nearer to that run's start than to any other lead run's, the nearest.
+    Without timestamps (hand-written files), the part at the same index."""
+    lead_t = [_began(p) for p in lead]
+    part_t = [_began(p) for p in parts]
+    if any(math.isnan(t) for t in [*lead_t, *part_t]):
+        return list(parts[which]) if -len(parts) <= which < len(parts) else []
+    target = which % len(lead)
+    best: tuple[float, list[dict[str, Any]]] | None = None
+    for t, part in zip(part_t, parts, strict=True):
+        gaps = [abs(t - lt) for lt in lead_t]
+        if min(range(len(gaps)), key=gaps.__getitem__) == target and (
+            best is None or gaps[target] < best[0]
+        ):
+            best = (gaps[target], part)
+    return best[1] if best else []
 
 
 # --------------------------------------------------------------------------- summary
