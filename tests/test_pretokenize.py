@@ -50,9 +50,24 @@ def test_packer_concatenates_with_eos_and_cuts_fixed_rows() -> None:
         p.add(np.array([2**31]), [1])
 
 
-def test_packer_rejects_tiny_seq_len() -> None:
+def test_packer_rejects_tiny_seq_len_and_an_eos_id_out_of_range() -> None:
     with pytest.raises(ConfigError, match="seq-len"):
         T.Packer(1, eos_id=0)
+    for eos in (-1, 2**31):
+        with pytest.raises(ConfigError, match=r"--eos-id must be a token id in \[0, 2\*\*31 - 1\]"):
+            T.Packer(8, eos_id=eos)
+
+
+def test_overwrite_replaces_only_a_tokenized_dataset(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text to pack into rows\n")
+    (tmp_path / "file").write_text("keep me")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "precious").write_text("keep me")
+    for out in (tmp_path / "file", tmp_path / "dir"):
+        with pytest.raises(LensfeedError, match="not a dataset written by lensfeed tokenize"):
+            T.tokenize_corpus([corpus], out, seq_len=4, overwrite=True)
+    assert (tmp_path / "file").read_text() == (tmp_path / "dir" / "precious").read_text()
 
 
 def test_read_documents_modes(tmp_path: Path) -> None:
@@ -212,3 +227,5 @@ def test_hf_tokenizer_from_local_files(tmp_path: Path) -> None:
 
     with pytest.raises(LensfeedError, match="local files"):
         T.load_tokenizer(str(tmp_path / "no-such-tokenizer"))
+    with pytest.raises(ConfigError, match=r"--eos-id 5 is not a token of .*ids are 0..4"):
+        T.load_tokenizer(str(tmp_path / "tok"), eos_id=5)

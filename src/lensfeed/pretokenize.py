@@ -162,6 +162,8 @@ class Packer:
     def __init__(self, seq_len: int, eos_id: int) -> None:
         if seq_len < 2:
             raise ConfigError(f"--seq-len must be >= 2 (got {seq_len})")
+        if not 0 <= eos_id <= np.iinfo(np.int32).max:  # before the corpus is read, not after
+            raise ConfigError(f"--eos-id must be a token id in [0, 2**31 - 1] (got {eos_id})")
         self.seq_len, self.eos_id = seq_len, eos_id
         self.documents = self.tokens = self.dropped = 0  # dropped: tokens in the partial row
         self._rest = np.empty(0, dtype=np.int64)
@@ -204,8 +206,17 @@ class TokenizeInfo:
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
+    """``--overwrite`` replaces only a dataset this command wrote: a mistyped ``--output``
+    (a home directory, a file) must not be deleted."""
+    if not out.exists():
+        return
+    if not overwrite:
         raise LensfeedError(f"{out} already exists; pass --overwrite to replace it")
+    if not (out / INFO_FILE).is_file():
+        raise LensfeedError(
+            f"{out} is not a dataset written by lensfeed tokenize (no {INFO_FILE} in it); "
+            "--overwrite replaces only those: remove it yourself or choose another --output"
+        )
 
 
 def write_packed(

@@ -67,6 +67,10 @@ class HFTokenizer:
         eos = tok.eos_token_id if eos_id is None else eos_id
         if eos is None:
             raise ConfigError(f"tokenizer {name_or_path!r} has no eos_token_id; pass --eos-id")
+        if not 0 <= int(eos) < len(tok):
+            raise ConfigError(
+                f"--eos-id {eos} is not a token of {name_or_path!r} (its ids are 0..{len(tok) - 1})"
+            )
         self.name = str(name_or_path)
         self.eos_id = int(eos)
         self._tok = tok
