@@ -217,24 +217,49 @@ def _buffer(frame: Any) -> memoryview:
     return buf if buf is not None else memoryview(frame)
 
 
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"ext type {code}")
+
+
 def _unpack_header(frame: Any, *, strict_map_key: bool = True) -> Any:
-    """Frame 0 as msgpack within the header limits (size, no bin/ext, bounded containers)."""
+    """Frame 0 as msgpack within the header limits (size, no bin/ext, bounded containers,
+    string keys with ``strict_map_key``)."""
     buf = _buffer(frame)
     if buf.nbytes > MAX_HEADER_BYTES:
         raise ProtocolError(f"header frame of {buf.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        return msgpack.unpackb(
+        header = msgpack.unpackb(
             buf,
             raw=False,
             strict_map_key=strict_map_key,
             max_str_len=MAX_HEADER_BYTES,
-            max_bin_len=0,
+            max_bin_len=0,  # an empty bin still passes these two limits: see _plain
             max_array_len=4096,
             max_map_len=256,
             max_ext_len=0,
+            ext_hook=_no_ext,
         )
     except Exception as exc:  # msgpack raises a zoo of exception types for garbage
         raise ProtocolError(f"header frame is not valid msgpack ({type(exc).__name__})") from None
+    if strict_map_key:
+        _plain(header)
+    return header
+
+
+def _plain(header: Any) -> None:
+    """Refuse what msgpack's limits let through: an empty ``bin`` value, a ``bin`` map key
+    (section 3.1). Iterative: nesting depth is the peer's choice."""
+    stack = [header]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if not all(type(k) is str for k in value):
+                raise ProtocolError("header map keys must be msgpack str")
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, bytes):
+            raise ProtocolError("header must not contain msgpack bin values")
 
 
 def decode_header(frame: Any) -> dict[str, Any]:

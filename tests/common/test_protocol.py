@@ -306,6 +306,20 @@ def test_non_string_map_keys_are_rejected() -> None:
     _reject([_pack({1: 2, "v": 1, "kind": "bye"})], "not valid msgpack")
 
 
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({b"": 1}, "map keys must be msgpack str"),  # an empty bin key passes max_bin_len=0
+        ({"blob": b""}, "must not contain msgpack bin"),
+        ({"deep": [[{"x": [b""]}]]}, "must not contain msgpack bin"),
+        ({"deep": {"x": {b"": 1}}}, "map keys must be msgpack str"),
+        ({"ext": msgpack.ExtType(1, b"")}, "not valid msgpack"),  # and so does an empty ext
+    ],
+)
+def test_empty_bin_and_ext_are_rejected_too(extra: dict[Any, Any], match: str) -> None:
+    _reject([_pack({**_header(P.BYE), **extra})], match)
+
+
 @pytest.mark.parametrize("version", [0, 2, 999, "1", None])
 def test_wrong_version_names_both_versions(version: Any) -> None:
     header = _header(P.HELLO, v=version)
