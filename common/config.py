@@ -269,12 +269,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     ``${...}`` interpolation is resolved; unknown keys and bad values raise :class:`ConfigError`.
     """
     parts: list[DictConfig] = []
+    what = "the overrides"  # what a read error is blamed on: the file only while it is read
     try:
         if path is not None:
             p = Path(path)
             if not p.is_file():
                 raise ConfigError(f"config file not found: {p}")
+            what = f"config file {p}"
             loaded = OmegaConf.load(p)
+            what = "the overrides"
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"config file {p} must hold a mapping at the top level")
             parts.append(loaded)
@@ -298,7 +301,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     except (yaml.YAMLError, OSError, TypeError, ValueError) as exc:
         # Unparseable YAML (in the file or an override), an unreadable file, an override that
         # indexes into a list or a scalar: a config error, never a traceback.
-        what = f"config file {path}" if path is not None else "the overrides"
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(
             f"cannot read {what} (overrides {list(overrides)}): {type(exc).__name__}: {first}"

@@ -120,6 +120,10 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
 MAX_COUNTER = (1 << 31) - 1  # cycles, batches, credits: far beyond any real run
 MAX_ROWS = (1 << 62) - 1  # rows, positions and wrap counts of a shard
 MAX_DIM = (1 << 31) - 1  # one tensor dimension
+#: Optional ``hello`` field: the most tensor bytes one message may carry for this trainer
+#: (its ``feed.max_message_bytes``); the producer packs its messages to fit (section 4.1).
+MAX_MESSAGE_BYTES = "max_message_bytes"
+
 INT_RANGES: dict[str, tuple[int, int]] = {
     "rank": (0, MAX_RANK),
     "world_size": (1, MAX_RANK + 1),
@@ -301,6 +305,12 @@ def decode_header(frame: Any) -> dict[str, Any]:
         raise ProtocolError(
             f"{kind} message: field '{SESSION}' must be an int in [0, {MAX_SESSION}], "
             f"got {describe(session)}"
+        )
+    limit = header.get(MAX_MESSAGE_BYTES) if kind == HELLO else None
+    if limit is not None and (type(limit) is not int or not 1 <= limit <= MAX_ROWS):
+        raise ProtocolError(
+            f"hello message: field '{MAX_MESSAGE_BYTES}' must be an int in [1, {MAX_ROWS}], "
+            f"got {describe(limit)}"
         )
     return header
 

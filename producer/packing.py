@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lensfeed.common.errors import ConfigError
 from lensfeed.producer.ahead import Ready
 from lensfeed.producer.source import Batch
 
@@ -62,14 +63,34 @@ class Packer:
     from the first batch that comes through.
     """
 
-    def __init__(self, batches_per_message: int = 0, batch_nbytes: int = 0) -> None:
+    def __init__(
+        self, batches_per_message: int = 0, batch_nbytes: int = 0, *, max_bytes: int = 0
+    ) -> None:
         self.auto = batches_per_message == 0 and batch_nbytes <= 0
         self.pack = (
             AUTO_MAX_BATCHES if self.auto else message_batches(batches_per_message, batch_nbytes)
         )
+        #: the trainer's limit on a message's tensor bytes (0 = none): its libzmq drops a
+        #: bigger frame with the connection, which looks like a lost producer, so no message
+        #: may exceed it, whatever the packing asks for
+        self.max_bytes = max_bytes
+        if batch_nbytes > 0:
+            self._fit(batch_nbytes)
         #: send the next batch in a message of its own (set when a cycle starts: the training
         #: loop is blocked on that batch, the rest follows in full-size messages)
         self.first_alone = False
+
+    def _fit(self, batch_nbytes: int) -> None:
+        """Cap ``pack`` at what the trainer's message limit holds; one batch over it cannot
+        be sent at all."""
+        if not self.max_bytes:
+            return
+        if batch_nbytes > self.max_bytes:
+            raise ConfigError(
+                f"a batch of {batch_nbytes} bytes exceeds the trainer's message limit of "
+                f"{self.max_bytes} bytes (feed.max_message_bytes): raise it or lower batch_size"
+            )
+        self.pack = min(self.pack, self.max_bytes // batch_nbytes)
 
     def groups(self, items: list[Ready]) -> list[list[Ready]]:
         """Consecutive batches of one cycle, at most ``pack`` per message; cycle ends and
@@ -85,6 +106,8 @@ class Packer:
             if self.auto and item.nbytes:
                 self.pack = min(self.pack, auto_batches_per_message(item.nbytes // item.count))
                 self.auto = False
+            if self.max_bytes and item.nbytes:
+                self._fit(-(-item.nbytes // item.count))
             if self.first_alone:
                 self.first_alone = False
                 if item.count > 1:
@@ -106,6 +129,7 @@ class Packer:
                 and last[-1].cycle == item.cycle
                 and not (item.fragment or last[-1].fragment)
                 and packed_bytes + item.nbytes <= STACK_MAX_BYTES
+                and (not self.max_bytes or packed_bytes + item.nbytes <= self.max_bytes)
             ):
                 last.append(item)
                 packed += item.count

@@ -303,6 +303,10 @@ class ProducerServer:
                     f"rank {self.rank}: the session belongs to another client key; only its "
                     "owner may take it over"
                 )
+            # Messages must fit the trainer's limit (its own word, else our config's): libzmq
+            # drops a bigger frame with the connection, which reads as a lost producer.
+            limit = msg.header.get(P.MAX_MESSAGE_BYTES) or self.feed.max_message_bytes
+            packer = Packer(self.feed.batches_per_message, self._batch_nbytes, max_bytes=limit)
         except LensfeedError as exc:
             self.guard.bad(peer, "refused trainer: %s", exc)
             if self.guard.may_reply(peer):
@@ -320,7 +324,7 @@ class ProducerServer:
         self.owner = owner
         self.session = session
         self.credits = min(msg["credits"], MAX_PREFETCH)
-        self.packer = Packer(self.feed.batches_per_message, self._batch_nbytes)
+        self.packer = packer
         self.seq = 0
         self.serving = None
         welcome = {

@@ -27,6 +27,10 @@ from lensfeed.trainer.session import Session
 
 log = logging.getLogger("lensfeed.trainer")
 
+#: Losses in a row without a batch that are all logged; after them, every _LOG_EVERY-th.
+_LOUD_LOSSES = 3
+_LOG_EVERY = 20
+
 
 class Settings(Protocol):
     """What a :class:`Reconnector` reads from its client, at each use (so changes apply)."""
@@ -48,6 +52,8 @@ class Reconnector:
         #: without progress share one reconnect_timeout_s (a producer that keeps dying, or
         #: keeps being dropped, cannot hold the loop forever). The client clears it on progress.
         self.lost_since: float | None = None
+        #: recoveries since then that reached a producer but got no batch to the loop
+        self.fruitless = 0
         self.asked: Cursor | None = None  # next_cycle sent, its cycle_start not taken
         self.resent: Cursor | None = None  # cycle_start owed to a recovery, not the loop
 
@@ -98,22 +104,40 @@ class Reconnector:
         session, settings = self.session, self.settings
         t0 = time.monotonic()
         if self.lost_since is None:
-            self.lost_since = t0
+            self.lost_since, self.fruitless = t0, 0
+        else:  # lost again before a batch reached the loop
+            self.fruitless += 1
         deadline = self.lost_since + settings.reconnect_timeout_s
         first = cause
         failed_handshakes = 0
-        log.warning(
-            "rank %d: lost the %s: %s; reconnecting (cursor: cycle %d, batch %d)",
+        # A producer that drops every new session at once (e.g. sends a message over this
+        # trainer's MAXMSGSIZE) must cost neither a reconnect storm nor a log line each time.
+        loud = self.fruitless < _LOUD_LOSSES or self.fruitless % _LOG_EVERY == 0
+        (log.warning if loud else log.debug)(
+            "rank %d: lost the %s: %s; reconnecting (cursor: cycle %d, batch %d)%s",
             session.rank,
             session.where,
             cause,
             *resume_point(session.spec, cursor),
+            f" [lost {self.fruitless} times since the last batch; every {_LOG_EVERY}th is logged]"
+            if self.fruitless >= _LOUD_LOSSES
+            else "",
         )
+        if self.fruitless:
+            backoff(self.fruitless - 1, deadline)
         for attempt in itertools.count():
             if time.monotonic() >= deadline or settings.reconnect_timeout_s <= 0:
+                again = (
+                    f"; it was reached {self.fruitless} times and lost again each time before "
+                    "serving a batch (a producer whose messages exceed this trainer's "
+                    "feed.max_message_bytes is dropped like that)"
+                    if self.fruitless
+                    else ""
+                )
                 raise ProducerLostError(
                     f"lost the {session.where} ({first}) and no producer served a batch within "
                     f"feed.reconnect_timeout_s={settings.reconnect_timeout_s:g} s (last: {cause})"
+                    f"{again}"
                 )
             try:
                 welcome = self._open(cursor, deadline)
@@ -137,7 +161,7 @@ class Reconnector:
         lost_s = time.monotonic() - t0
         settings.stats.reconnects += 1
         settings.stats.recovery_s += lost_s
-        log.warning(
+        (log.warning if loud else log.debug)(
             "rank %d: reconnected to the %s after %.2f s (cause: %s); resuming at cycle %d, "
             "batch %d",
             session.rank,

@@ -117,6 +117,8 @@ class Session:
             "credits": credits,
             P.SESSION: self.number,
         }
+        if 0 < self.max_message_bytes <= P.MAX_ROWS:  # so the producer packs to fit
+            hello[P.MAX_MESSAGE_BYTES] = self.max_message_bytes
         self.send(P.HELLO, hello)
         while True:
             left = deadline - time.monotonic()

@@ -293,6 +293,11 @@ def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("batch_size: [1,\n")
     assert f"cannot read config file {bad}" in _config_error(path=bad)
+    # A good file with a bad override: the override is at fault, not the file.
+    good = tmp_path / "good.yaml"
+    good.write_text("dataset:\n  columns: [input_ids]\n")
+    msg = _config_error("dataset.columns.0=a", path=good)
+    assert msg.startswith("cannot read the overrides (overrides ['dataset.columns.0=a'])"), msg
 
 
 def test_config_error_is_a_lensfeed_error_and_value_error() -> None:

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from lensfeed.common.errors import ConfigError
 from lensfeed.producer import source as source_module
 from lensfeed.producer.ahead import Ready
 from lensfeed.producer.packing import Packer, auto_batches_per_message, message_batches, stack
@@ -95,6 +96,29 @@ def test_a_cycles_first_batch_travels_alone() -> None:
     packer.first_alone = True
     ones = [Ready("batch", 3, j, {"x": rows[2 * j : 2 * j + 2]}, nbytes=16) for j in range(3)]
     assert [[g.batch for g in grp] for grp in packer.groups(ones)] == [[0], [1, 2]]
+
+
+def test_no_message_exceeds_the_trainers_limit() -> None:
+    """libzmq drops a frame over the trainer's MAXMSGSIZE with the connection: packing (auto or
+    configured, chunks or stacked batches) stays within the limit the hello states."""
+    rows = np.arange(64 * 4, dtype=np.int64).reshape(64, 4)  # 32 bytes per row
+    chunk = Ready("batch", 0, 0, {"x": rows}, nbytes=rows.nbytes, count=16)  # 16 x 128 bytes
+    for packer in (Packer(max_bytes=300), Packer(16, 128, max_bytes=300)):
+        groups = packer.groups([chunk])
+        assert packer.pack == 2
+        assert all(sum(g.nbytes for g in grp) <= 300 for grp in groups)
+        assert sum(g.count for grp in groups for g in grp) == 16
+    ones = [Ready("batch", 0, j, nbytes=100) for j in range(5)]  # stacked: 3 fit in 300
+    assert [len(g) for g in Packer(max_bytes=300).groups(ones)] == [3, 2]
+    assert Packer(16, 128, max_bytes=0).pack == 16  # no limit stated
+
+
+def test_a_batch_over_the_trainers_limit_is_a_config_error() -> None:
+    msg = "a batch of 128 bytes exceeds the trainer's message limit of 100 bytes"
+    with pytest.raises(ConfigError, match=msg):
+        Packer(0, 128, max_bytes=100)  # known before the first batch: refused at the hello
+    with pytest.raises(ConfigError, match=msg):  # a transform's: at its first batch
+        Packer(max_bytes=100).groups([Ready("batch", 0, 0, nbytes=128)])
 
 
 def test_stack_concatenates_numpy_and_torch_along_dim0() -> None:

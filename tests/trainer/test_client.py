@@ -321,3 +321,38 @@ def test_a_second_iterator_over_a_cycle_is_refused_and_the_first_goes_on(fake, s
         assert sum(1 for _ in it) == cycle.num_batches - 1
         assert cycle.done
         assert feed.next_cycle().index == 1
+
+
+def test_messages_fit_the_clients_max_message_bytes(tmp_path, spec):
+    """The hello states the client's limit and the producer packs to it: auto packing alone
+    would send messages of up to 64 batches, which libzmq drops with the connection (a lost
+    producer, again at every reconnect). A batch that can never fit is a config error."""
+    with (
+        FakeProducer(f"ipc://{tmp_path}/a.sock", spec=spec, shard_rows=7) as plain,
+        FeedClient(plain.endpoint, rank=0, spec=spec, timeout_s=10) as feed,
+    ):
+        reference = consume(feed, 3)
+        first = next(iter(feed.next_cycle()))
+    batch_bytes = sum(t.numel() * t.element_size() for t in first.values())
+    feed_cfg = FeedConfig(exit_on_bye=False)
+    with (
+        FakeProducer(f"ipc://{tmp_path}/b.sock", spec=spec, shard_rows=7, feed=feed_cfg) as fp,
+        FeedClient(
+            fp.endpoint,
+            rank=0,
+            spec=spec,
+            timeout_s=10,
+            reconnect_timeout_s=2,
+            max_message_bytes=2 * batch_bytes + 1,
+        ) as feed,
+    ):
+        assert consume(feed, 3) == reference
+        assert feed.stats.reconnects == 0
+    with (
+        FakeProducer(f"ipc://{tmp_path}/c.sock", spec=spec, shard_rows=7, feed=feed_cfg) as fp,
+        FeedClient(
+            fp.endpoint, rank=0, spec=spec, timeout_s=10, max_message_bytes=batch_bytes - 1
+        ) as feed,
+        pytest.raises(RemoteError, match=f"a batch of {batch_bytes} bytes exceeds the trainer"),
+    ):
+        consume(feed, 1)

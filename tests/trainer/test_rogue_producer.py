@@ -81,6 +81,11 @@ CASES = [
 assert {c.mode for c in CASES} == set(MODES)
 
 
+#: In reconnect_timeout_s (3 s), with the backoff between fruitless recoveries.
+MAX_RECONNECTS = 12
+MAX_WARNINGS = 12
+
+
 def _result(out: str) -> dict[str, Any] | None:
     for line in reversed(out.splitlines()):
         if line.startswith(RESULT_PREFIX):
@@ -118,6 +123,13 @@ def _problems(case: Case, res: dict[str, Any], endpoint: str) -> list[str]:
             problems.append(f"raised {res['error']}, expected {' or '.join(case.expected)}")
         if endpoint not in res["message"] and not re.search(case.problem, res["message"], re.I):
             problems.append("the message names neither the endpoint nor the problem")
+    # A producer that drops every session at once (oversize_frame) must not make the client
+    # reconnect in a tight loop, logging each time (it did: 3,102 reconnects in 3 s).
+    if res["reconnects"] > MAX_RECONNECTS or res["warnings"] > MAX_WARNINGS:
+        problems.append(
+            f"{res['reconnects']} reconnects and {res['warnings']} warnings (limits "
+            f"{MAX_RECONNECTS}, {MAX_WARNINGS}): a storm"
+        )
     if res["elapsed_s"] > CLIENT_DEADLINE_S:
         problems.append(f"took {res['elapsed_s']:.1f} s (limit {CLIENT_DEADLINE_S:g} s)")
     growth_mib = (res["peak_rss_kib"] - res["baseline_rss_kib"]) / 1024
