@@ -12,7 +12,9 @@ a cluster; Python format specs work (``{rank:04d}``):
 
 Or list one endpoint per rank (``feed.endpoints``, or ``feed.endpoints_file`` with one per
 line). :func:`validate` computes every rank's endpoint before anything starts and rejects gaps,
-unknown placeholders and two ranks on one endpoint (tcp: anywhere; ipc: on one node).
+unknown placeholders, two ranks on one endpoint (tcp: anywhere; ipc: on one node), IPv6 (not
+supported) and ipc paths whose directory cannot protect the socket (abstract ``ipc://@NAME``,
+relative).
 """
 
 from __future__ import annotations
@@ -94,6 +96,28 @@ def _names(key: str, template: str) -> set[str]:
 MAX_IPC_PATH_BYTES = 107
 
 
+def ipc_path_problem(path: str) -> str:
+    """What makes ipc ``path`` unsafe or unusable ("" if nothing). A socket's only protection
+    is its directory's permissions (:func:`lensfeed.common.curve.check_ipc_dir`), so the path
+    must have a directory that can be checked: absolute, and not in the abstract namespace."""
+    if path.startswith("@"):
+        return (
+            "is an abstract socket (ipc://@NAME): it has no file permissions, so any local user "
+            "could connect to it; use a path in a private directory (ipc:///DIR/NAME.sock)"
+        )
+    if not path.startswith("/"):
+        return (
+            "has a relative path; an ipc path must be absolute (ipc:///DIR/NAME.sock): a "
+            "relative one depends on each process's working directory"
+        )
+    if len(path.encode()) > MAX_IPC_PATH_BYTES:
+        return (
+            f"has a {len(path.encode())}-byte path; an ipc socket path has at most "
+            f"{MAX_IPC_PATH_BYTES} bytes (use a shorter directory, e.g. under /tmp)"
+        )
+    return ""
+
+
 def _form_problem(endpoint: str) -> str:
     """What is wrong with ``endpoint``'s form ("" if nothing), checked here so that libzmq never
     refuses it later, inside a running producer or client."""
@@ -104,15 +128,15 @@ def _form_problem(endpoint: str) -> str:
         host, sep, port = rest.rpartition(":")
         if not sep or not host:
             return "must be tcp://HOST:PORT"
+        if host.startswith("[") or ":" in host:
+            # libzmq would need ZMQ_IPV6 on both sockets, and a bind defaults to 127.0.0.1.
+            return "names an IPv6 address: IPv6 is not supported; use an IPv4 address or hostname"
         if not (port.isdigit() and 1 <= int(port) <= 65535):
             return f"has port {port!r}; a tcp port is a number in 1-65535"
     elif not rest:
         return f"names no {'path' if scheme == 'ipc' else 'name'}"
-    elif scheme == "ipc" and len(rest.encode()) > MAX_IPC_PATH_BYTES:
-        return (
-            f"has a {len(rest.encode())}-byte path; an ipc socket path has at most "
-            f"{MAX_IPC_PATH_BYTES} bytes (use a shorter directory, e.g. under /tmp)"
-        )
+    elif scheme == "ipc":
+        return ipc_path_problem(rest)
     return ""
 
 
@@ -174,4 +198,13 @@ def validate(feed: FeedConfig, world_size: int) -> None:
             )
 
 
-__all__ = ["PLACEHOLDERS", "bind_for", "endpoint_for", "listed", "placement", "validate"]
+__all__ = [
+    "MAX_IPC_PATH_BYTES",
+    "PLACEHOLDERS",
+    "bind_for",
+    "endpoint_for",
+    "ipc_path_problem",
+    "listed",
+    "placement",
+    "validate",
+]

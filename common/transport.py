@@ -1,8 +1,17 @@
-"""Socket options both sides set the same way: ZMTP heartbeats for liveness."""
+"""Socket options both sides set the same way (ZMTP heartbeats for liveness), and the
+producer's bind, which refuses an ipc endpoint another process serves."""
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+import stat
+
 import zmq
+
+#: How long the probe of an existing ipc socket file waits for its connect.
+IPC_PROBE_TIMEOUT_S = 1.0
 
 
 def set_heartbeats(sock: zmq.Socket, timeout_s: float) -> None:
@@ -18,4 +27,40 @@ def set_heartbeats(sock: zmq.Socket, timeout_s: float) -> None:
     sock.setsockopt(zmq.HEARTBEAT_TTL, min(timeout_ms // 100 * 100, 6_553_500))
 
 
-__all__ = ["set_heartbeats"]
+def bind_endpoint(sock: zmq.Socket, endpoint: str) -> None:
+    """``sock.bind(endpoint)``, refusing an ``ipc://`` path that another process serves with
+    the ``EADDRINUSE`` a tcp port in use gets: libzmq's ipc bind unlinks an existing socket
+    file, so a second producer would silently take the endpoint over and leave the first one
+    unreachable. A file nobody listens on (its producer died) is reused as before. A check,
+    then a bind: two producers binding at the same instant can still both succeed."""
+    if endpoint.startswith("ipc://") and _ipc_served(endpoint[len("ipc://") :]):
+        raise zmq.ZMQError(
+            errno.EADDRINUSE,
+            f"another process is serving on it ({os.strerror(errno.EADDRINUSE)})",
+        )
+    sock.bind(endpoint)
+
+
+def _ipc_served(path: str) -> bool:
+    """Whether a process listens on the unix socket file ``path``: a plain connect succeeds
+    (or finds its backlog full). Refused means a stale file; an abstract name (``@...``), no
+    file or another error leaves the decision to libzmq's bind."""
+    if path.startswith("@"):
+        return False  # Linux abstract namespace: libzmq's bind itself fails when it is in use
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(IPC_PROBE_TIMEOUT_S)
+        try:
+            probe.connect(path)
+        except TimeoutError:
+            return True
+        except OSError as exc:
+            return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)  # a full backlog: alive
+    return True
+
+
+__all__ = ["IPC_PROBE_TIMEOUT_S", "bind_endpoint", "set_heartbeats"]

@@ -14,16 +14,16 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from lensfeed.common.config import MAX_PREFETCH, FeedConfig
 from lensfeed.common.curve import (
-    ZAP_DOMAIN,
     CurveKeys,
     apply_server,
     check_ipc_dir,
+    configure_zap,
     is_loopback,
     server_keys,
 )
 from lensfeed.common.errors import ConfigError, LensfeedError
 from lensfeed.common.limits import MAX_HEADER_BYTES
-from lensfeed.common.transport import set_heartbeats
+from lensfeed.common.transport import bind_endpoint, set_heartbeats
 
 log = logging.getLogger("lensfeed.producer")
 
@@ -35,7 +35,7 @@ def bind_socket(
 
     ``keys`` makes it a CURVE server; the context must then run a ZAP handler (:class:`Listener`).
     """
-    check_ipc_dir(endpoint, create=True)
+    check_ipc_dir(endpoint)
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -51,7 +51,7 @@ def bind_socket(
         set_heartbeats(sock, heartbeat_s)
         if keys is not None:
             apply_server(sock, keys)
-        sock.bind(endpoint)
+        bind_endpoint(sock, endpoint)  # refuses a live ipc socket, as tcp refuses a port
     except Exception as exc:  # closed, or the context's term() would wait for it forever
         sock.close()
         raise LensfeedError(f"cannot bind producer endpoint {endpoint}: {exc}") from None
@@ -80,8 +80,7 @@ class Listener:
         if keys is not None:
             self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("lensfeed.producer.zap"))
             self.auth.start()
-            assert keys.authorized is not None
-            self.auth.configure_curve(domain=ZAP_DOMAIN, location=str(keys.authorized))
+            configure_zap(self.auth, keys)  # the keys server_keys checked, not a second read
         try:
             self.sock = bind_socket(ctx, endpoint, heartbeat_s=feed.heartbeat_timeout_s, keys=keys)
         except BaseException:

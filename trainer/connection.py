@@ -90,7 +90,7 @@ class Connection:
         max_message_bytes: int = -1,
         max_queued: int = 0,
     ) -> None:
-        check_ipc_dir(endpoint, create=False)
+        check_ipc_dir(endpoint)  # creates a missing directory private: see its docstring
         sock = ctx.socket(zmq.DEALER)
         monitor = None
         try:

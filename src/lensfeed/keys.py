@@ -1,6 +1,6 @@
 """``lensfeed keys DIR``: create the CURVE key set that authenticates and encrypts tcp feeds.
 
-A thin command over :func:`lensfeed.common.curve.create_keys` (pyzmq's certificate files).
+A thin command over :func:`lensfeed.common.curve.create_keys` (pyzmq's certificate format).
 """
 
 from __future__ import annotations
@@ -25,7 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Create a CURVE key set (producer and trainer key pairs and the producer's "
         "allowlist) in DIR, for authenticated, encrypted tcp between producers and trainers.",
     )
-    p.add_argument("dir", metavar="DIR", help="directory to write the keys to (created, 0700)")
+    p.add_argument(
+        "dir",
+        metavar="DIR",
+        help="directory to write the keys to (created 0700 if missing; an existing one must be "
+        "yours and not writable by others, and is never chmod'ed)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing key set")
     args = p.parse_args(argv)
     try:

@@ -73,12 +73,32 @@ def test_tcp_endpoints_must_differ_everywhere_and_ports_come_from_the_base() -> 
         (["feed.endpoints=[tcp://a:1]"], "lists 1 endpoint(s) for world_size 2"),
         (["feed.endpoints=[tcp://a:1,tcp://a:1]"], "ranks 0 and 1 would share"),
         (["feed.ranks_per_node=-1"], "must be >= 0"),
+        # an abstract socket has no permissions: any local user could connect
+        (["feed.endpoint=ipc://@lensfeed-{rank}"], "is an abstract socket (ipc://@NAME)"),
+        (["feed.endpoints=[ipc:///tmp/a.sock,ipc://@b]"], "rank 1's endpoint 'ipc://@b' is an"),
+        (["feed.bind=ipc://@lensfeed-{rank}"], "is an abstract socket"),
+        (["feed.endpoint=ipc://run/r{rank}.sock"], "an ipc path must be absolute"),
+        (["feed.endpoint=ipc://*"], "an ipc path must be absolute"),
+        # IPv6 never worked: no ZMQ_IPV6, and the default bind is 127.0.0.1
+        (["feed.endpoint=tcp://[::1]:{port}"], "IPv6 is not supported; use an IPv4 address or"),
+        (["feed.endpoint=tcp://{host}:{port}", "feed.hosts=['::1']"], "IPv6 is not supported"),
+        (["feed.endpoint=tcp://{host}:{port}", 'feed.hosts=["[fe80::1]"]'], "IPv6 is not"),
+        (["feed.bind=tcp://[::]:{port}", "feed.endpoint=tcp://h:{port}"], "IPv6 is not supported"),
     ],
 )
 def test_bad_mappings_are_refused_before_anything_starts(over: list[str], needle: str) -> None:
     with pytest.raises(ConfigError) as exc_info:
         cfg("world_size=2", *over)
     assert needle in str(exc_info.value)
+
+
+def test_absolute_ipc_paths_and_ipv4_or_host_names_are_accepted() -> None:
+    c = cfg("world_size=2", "feed.endpoint=ipc:///tmp/lf/r{rank}.sock")
+    assert endpoints(c) == ["ipc:///tmp/lf/r0.sock", "ipc:///tmp/lf/r1.sock"]
+    c = cfg("world_size=2", "feed.endpoints=[tcp://10.0.0.1:7000,tcp://gpu-b.local:7000]")
+    assert endpoints(c) == ["tcp://10.0.0.1:7000", "tcp://gpu-b.local:7000"]
+    c = cfg("world_size=2", "feed.endpoint=tcp://h:{port}", "feed.bind=tcp://*:{port}")
+    assert c.bind_for(1) == "tcp://*:50001"
 
 
 def test_an_explicit_list_or_file_maps_rank_by_rank(tmp_path: Path) -> None:

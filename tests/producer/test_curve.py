@@ -98,11 +98,13 @@ def test_an_ipc_directory_others_can_open_is_refused(tmp_path: Path) -> None:
     shared.mkdir(mode=0o755)
     os.chmod(shared, 0o755)
     with pytest.raises(ConfigError, match="must be private to this user"):
-        check_ipc_dir(f"ipc://{shared}/r0.sock", create=True)
+        check_ipc_dir(f"ipc://{shared}/r0.sock")
     fresh = tmp_path / "fresh" / "sub"
-    check_ipc_dir(f"ipc://{fresh}/r0.sock", create=True)
+    check_ipc_dir(f"ipc://{fresh}/r0.sock")
     assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
-    check_ipc_dir(f"ipc://{tmp_path}/missing/r0.sock", create=False)  # a client waits for it
+    missing = tmp_path / "missing"
+    check_ipc_dir(f"ipc://{missing}/r0.sock")  # a client makes it private too
+    assert stat.S_IMODE(os.lstat(missing).st_mode) == 0o700
 
 
 # --------------------------------------------------------------------------- producer process

@@ -155,7 +155,7 @@ def test_a_rank_that_cannot_set_up_stops_every_rank(tmp_path):
     for name in ("metrics.jsonl", "metrics.rank1.jsonl"):
         status = records(tmp_path / name, "status")[-1]
         assert (status["failed_rank"], status["code"]) == (1, "config")
-        assert "trainer.key_secret not found" in status["message"]
+        assert "no-keys-on-this-node not found" in status["message"]
 
 
 def test_a_disagreement_of_the_ranks_blames_no_rank() -> None:
