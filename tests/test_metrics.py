@@ -103,6 +103,22 @@ def test_table_has_a_row_per_cycle_and_rank(
 
 
 @pytest.mark.slow
+def test_a_ranks_cycle_records_add_up_to_its_status_totals(run_dir: Path) -> None:
+    """What a failed or killed rank's totals come from (its cycle records alone) agrees with
+    what an ok status says: the same samples, in no more time than the whole run took."""
+    for rank, recs in M.read_run(run_dir).items():
+        status = recs[-1]
+        without = {rank: [r for r in recs if r.get("event") != "status"]}
+        rs = M.summarize(without).ranks[0]
+        assert rs.status == "running?"
+        assert (rs.cycles, rs.samples) == (status["cycles"], status["samples"]) == (CYCLES, 60)
+        assert 0 < rs.seconds <= status["wall_s"]
+        assert 0 < rs.wait_s <= status["wait_s"] + 1e-9
+        assert rs.samples_per_s == pytest.approx(rs.samples / rs.seconds)
+        assert rs.wait_share == pytest.approx(rs.wait_s / rs.seconds)
+
+
+@pytest.mark.slow
 def test_run_can_be_any_rank_file_or_the_directory(run_dir: Path) -> None:
     expected = {0: run_dir / "metrics.jsonl", 1: run_dir / "metrics.rank1.jsonl"}
     for given in (run_dir, run_dir / "metrics.jsonl", run_dir / "metrics.rank1.jsonl"):
@@ -235,6 +251,99 @@ def test_each_rank_contributes_its_part_of_rank_0s_run(
     assert [c.samples_per_s for c in M.summarize(M.read_run(tmp_path)).cycles] == [10.0, 11.0]
     assert M.main([str(tmp_path), "--run", "2"]) == 1
     assert "no run 2 in" in capsys.readouterr().err
+
+
+def _measured_cycle(i: int, *, batches: int, batch: int, seconds: float, wait: float) -> dict:
+    """A cycle record as the trainer writes it: the rate and wait share of ``seconds``."""
+    rate = batches * batch / seconds
+    share = wait / seconds
+    return {
+        **_cycle(i, rate),
+        "batches": batches,
+        "samples": batches * batch,
+        "seconds": seconds,
+        "wait_s": wait,
+        "wait_share": share,
+    }
+
+
+#: Seven cycles of 8 batches of 512 in 14 s, 3.5 s of it waiting on data: 2048 samples/s, 25%
+#: (the plain means of the per-cycle rates and shares are 2638/s and 12.5%).
+_SECONDS = (1.0, 3.0, 1.0, 3.0, 1.0, 3.0, 2.0)
+_WAITS = (0.0, 1.5, 0.0, 1.5, 0.0, 0.5, 0.0)
+
+
+def _seven_cycles() -> list[dict]:
+    return [
+        _measured_cycle(i, batches=8, batch=512, seconds=s, wait=w)
+        for i, (s, w) in enumerate(zip(_SECONDS, _WAITS, strict=True))
+    ]
+
+
+def _failure(code: str, message: str, steps: int) -> dict:
+    """A failure status record: like trainer/records.py's, it has no totals, only ``steps``."""
+    return {
+        "event": "status",
+        "training_status": f"error_{code}",
+        "failed_rank": 0,
+        "code": code,
+        "message": message,
+        "steps": steps,
+    }
+
+
+def test_a_failed_runs_totals_come_from_its_cycle_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failure status holds no totals: a producer lost in cycle 7 of 8 still trained 7
+    cycles (28,672 samples), which the table shows, not 0 samples at 0/s."""
+    lost = _failure("producer_lost", "producer 0 lost", steps=58)
+    _write(tmp_path / "m.jsonl", [_start(2), *_seven_cycles(), lost])
+    _write(tmp_path / "m.rank1.jsonl", [_start(2), *_seven_cycles()])  # killed: no status
+    assert M.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    ranks = _rows(out, "rank")
+    assert ranks[0] == ["0", "error_producer_lost", "7", "28672", "2048", "25.0%", "6"]
+    assert ranks[1] == ["1", "running?", "7", "28672", "2048", "25.0%", "6"]
+    assert ranks[2] == ["all", "7", "57344", "4096", "25.0%", "12"]
+    assert "rank 0: producer 0 lost" in out
+
+
+def _ok(cycles: int, samples: int, wall: float, wait: float) -> dict:
+    return {
+        "event": "status",
+        "training_status": "ok",
+        "cycles": cycles,
+        "samples": samples,
+        "wall_s": wall,
+        "samples_per_s": samples / wall,
+        "wait_s": wait,
+        "wait_share": wait / wall,
+    }
+
+
+def test_all_runs_add_up_each_ranks_runs_under_the_last_runs_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--run all``: each rank's totals cover every run (the failed one from its cycles), its
+    status and message are its last run's, never an older run's error beside ``ok``."""
+    m = tmp_path / "m.jsonl"
+    _write(m, [_start(1), *_seven_cycles(), _failure("timeout", "no answer", steps=58)])
+    _write(m, [_start(1), _cycle(7, 1.0), _ok(cycles=8, samples=4096, wall=2.0, wait=0.5)])
+    assert M.main([str(m), "--run", "all"]) == 0
+    out = capsys.readouterr().out
+    # 28,672 + 4,096 samples in 14 + 2 s, 3.5 + 0.5 s of it waiting on data.
+    assert _rows(out, "rank")[0] == ["0", "ok", "8", "32768", "2048", "25.0%", "7"]
+    assert "no answer" not in out
+    assert M.main([str(m), "--run", "-1"]) == 0  # the last run alone: its status record
+    last = _rows(capsys.readouterr().out, "rank")[0]
+    assert last == ["0", "ok", "8", "4096", "2048", "25.0%", "7"]
+    _write(m, [_start(1), _failure("timeout", "gone again", steps=64)])  # failed at once
+    assert M.main([str(m), "--run", "all"]) == 0
+    out = capsys.readouterr().out
+    assert _rows(out, "rank")[0][:4] == ["0", "error_timeout", "8", "32768"]
+    assert "rank 0: gone again" in out
+    assert "no answer" not in out
 
 
 def test_missing_and_unfinished_ranks_are_shown(

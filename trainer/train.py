@@ -324,6 +324,8 @@ class Trainer:
             "event": "cycle",
             "cycle": cycle.index,
             "batches": n,
+            "samples": n * self.spec.batch_size,
+            "seconds": dt,  # with samples: what a failed run's totals add up (lensfeed metrics)
             "samples_per_s": n * self.spec.batch_size / dt if dt > 0 else 0.0,
             "wait_s": waited,
             "wait_share": waited / dt if dt > 0 else 0.0,

@@ -7,6 +7,10 @@ Copy this into your project. The points that matter:
 * One Lightning epoch is one regenerated cycle: ``max_epochs = training.num_cycles``.
 * ``state_dict``/``load_state_dict`` put the feed cursor in Lightning's checkpoints, so
   ``trainer.fit(..., ckpt_path=...)`` resumes the stream where the model left it.
+* Under ``torchrun``, ``devices``/``num_nodes`` must come from its environment: Lightning's
+  default on a CPU host is one device, which makes every process global rank 0 (all reading
+  producer 0). Checkpoints go under ``training.checkpoint_dir``, not the working directory;
+  they hold rank 0's feed cursor, which every rank resumes at (the ranks are in lockstep).
 
 Run it against running producers (``lensfeed produce --config CONFIG --ranks 0-1``):
 ``torchrun --nproc_per_node 2 docs/recipes/lightning_datamodule.py CONFIG``.
@@ -14,7 +18,9 @@ Run it against running producers (``lensfeed produce --config CONFIG --ranks 0-1
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -37,9 +43,12 @@ class FeedDataModule(L.LightningDataModule):
         self._state: dict[str, Any] | None = None
 
     def train_dataloader(self) -> DataLoader:
-        self.dataset = FeedDataset(self.cfg, self.trainer.global_rank, **self.client_kwargs)
+        rank = self.trainer.global_rank
+        self.dataset = FeedDataset(self.cfg, rank, **self.client_kwargs)
         if self._state is not None:
-            self.dataset.load_state_dict(self._state)
+            # A checkpoint holds rank 0's state and every rank loads it; ranks train in
+            # lockstep, so rank 0's cursor is every rank's.
+            self.dataset.load_state_dict({**self._state, "rank": rank})
         return DataLoader(self.dataset, batch_size=None)
 
     def state_dict(self) -> dict[str, Any]:
@@ -72,10 +81,17 @@ class TinyLM(L.LightningModule):
 
 def main(config: str, *overrides: str) -> None:
     cfg = load_config(config, list(overrides))
+    # torchrun's processes, CPU or GPU: one device each, ranks as torchrun numbers them.
+    devices = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     trainer = L.Trainer(
         max_epochs=cfg.training.num_cycles,  # one epoch = one cycle
         use_distributed_sampler=False,  # each rank already has its own stream
         accelerator="auto",
+        devices=devices,
+        num_nodes=world // devices,
+        strategy="ddp" if world > 1 else "auto",
+        default_root_dir=Path(cfg.training.checkpoint_dir) / "lightning",
         logger=False,
         enable_progress_bar=False,
     )

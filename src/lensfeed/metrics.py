@@ -169,7 +169,9 @@ def _matching_part(
 
 @dataclass
 class RankSummary:
-    """One rank's totals, from its final ``status`` record (and its ``cycle`` records)."""
+    """One rank's totals: an ``ok`` status record's, else (a failure's status record has none)
+    those its ``cycle`` records add up to. ``seconds`` and ``wait_s`` are what the rate and
+    the wait share are over, so several runs' totals can be added up."""
 
     rank: int
     status: str = "missing"
@@ -179,6 +181,8 @@ class RankSummary:
     wait_share: float = 0.0
     wraps: int = 0
     message: str = ""
+    seconds: float = 0.0
+    wait_s: float = 0.0
 
 
 @dataclass
@@ -286,28 +290,80 @@ class Summary:
 
 
 def summarize(records: Records) -> Summary:
-    """Per-rank totals and per-cycle rows from one run's ``cycle`` and ``status`` records.
+    """Per-rank totals and per-cycle rows from the ``cycle`` and ``status`` records of one run
+    (or of several, ``--run all``: each rank's totals add up its runs under its last run's
+    status and message).
 
     A rank with records but no ``status`` shows ``running?``: still running, or killed before
     it could write one."""
     summary = Summary()
     for rank in sorted(records):
-        rs = RankSummary(rank, status="running?" if records[rank] else "missing")
-        for rec in records[rank]:
-            if rec.get("event") == "cycle":
-                summary.cycles.append(CycleRow.from_record(rank, rec))
-                rs.cycles = max(rs.cycles, int(rec.get("cycle", -1)) + 1)
-                rs.wraps = int(rec.get("total_wraps", rs.wraps))
-            elif rec.get("event") == "status":
-                rs.status = str(rec.get("training_status", "?"))
-                rs.cycles = int(rec.get("cycles", rs.cycles))
-                rs.samples = int(rec.get("samples", 0))
-                rs.samples_per_s = float(rec.get("samples_per_s", 0.0))
-                rs.wait_share = float(rec.get("wait_share", 0.0))
-                if rs.status != "ok":
-                    rs.message = str(rec.get("message", ""))
-        summary.ranks.append(rs)
+        parts = [_part_summary(rank, part) for part in split_runs(records[rank])]
+        summary.cycles += [
+            CycleRow.from_record(rank, rec) for rec in records[rank] if rec.get("event") == "cycle"
+        ]
+        summary.ranks.append(_add_up(rank, parts))
     return summary
+
+
+def _part_summary(rank: int, part: Sequence[dict[str, Any]]) -> RankSummary:
+    """One rank's totals over one run: an ``ok`` status record has them (its time includes
+    start-up and checkpoints); a failure's status record holds only ``steps``, and a rank that
+    was killed has none, so theirs come from the ``cycle`` records."""
+    rs = RankSummary(rank, status="running?")
+    cycles = [rec for rec in part if rec.get("event") == "cycle"]
+    for rec in cycles:
+        rs.cycles = max(rs.cycles, int(rec.get("cycle", -1)) + 1)
+        rs.wraps = int(rec.get("total_wraps", rs.wraps))
+    status = part[-1] if part and part[-1].get("event") == "status" else {}
+    if status:
+        rs.status = str(status.get("training_status", "?"))
+        rs.cycles = int(status.get("cycles", rs.cycles))
+        if rs.status != "ok":
+            rs.message = str(status.get("message", ""))
+    if "samples" in status:
+        rs.samples = int(status["samples"])
+        rs.samples_per_s = float(status.get("samples_per_s", 0.0))
+        rs.wait_share = float(status.get("wait_share", 0.0))
+        rate = rs.samples_per_s
+        rs.seconds = float(status.get("wall_s", rs.samples / rate if rate > 0 else 0.0))
+        rs.wait_s = float(status.get("wait_s", rs.wait_share * rs.seconds))
+    else:
+        rs.samples, rs.seconds, rs.wait_s, rs.samples_per_s = _cycle_totals(cycles)
+        rs.wait_share = rs.wait_s / rs.seconds if rs.seconds > 0 else 0.0
+    return rs
+
+
+def _cycle_totals(cycles: Sequence[dict[str, Any]]) -> tuple[int, float, float, float]:
+    """(samples, seconds, data-wait seconds, samples/s) that ``cycles``' records add up to.
+    Records of trainers older than their ``samples`` and ``seconds`` fields count as none."""
+    samples = sum(int(rec.get("samples") or 0) for rec in cycles)
+    seconds = sum(float(rec.get("seconds") or 0.0) for rec in cycles)
+    wait_s = sum(float(rec.get("wait_s") or 0.0) for rec in cycles if rec.get("seconds"))
+    return samples, seconds, wait_s, samples / seconds if seconds > 0 else 0.0
+
+
+def _add_up(rank: int, parts: Sequence[RankSummary]) -> RankSummary:
+    """A rank's totals over several runs: samples and time add up; the cycle and wraps are
+    the furthest reached; status and message are the last run's."""
+    if len(parts) <= 1:
+        return parts[0] if parts else RankSummary(rank)
+    last = parts[-1]
+    samples = sum(p.samples for p in parts)
+    seconds = sum(p.seconds for p in parts)
+    wait_s = sum(p.wait_s for p in parts)
+    return RankSummary(
+        rank,
+        status=last.status,
+        cycles=max(p.cycles for p in parts),
+        samples=samples,
+        samples_per_s=samples / seconds if seconds > 0 else 0.0,
+        wait_share=wait_s / seconds if seconds > 0 else 0.0,
+        wraps=max(p.wraps for p in parts),
+        message=last.message,
+        seconds=seconds,
+        wait_s=wait_s,
+    )
 
 
 # --------------------------------------------------------------------------- command line
