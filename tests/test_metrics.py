@@ -384,3 +384,16 @@ def test_feed_stats_is_a_plain_dict_for_any_logger() -> None:
     assert stats.as_dict("feed/")["feed/wait_s"] == 0.25
     d["batches"] = 99  # a snapshot: the logger may keep or change it
     assert stats.batches == 3
+
+
+def test_a_voted_failure_is_said_once_under_the_rank_it_names(tmp_path: Path) -> None:
+    """Every rank records the failure the ranks voted on (rank 0's producer here): the table
+    says it once, as rank 0's, not once per rank under each rank's own number."""
+    for name in ("m.jsonl", "m.rank1.jsonl"):
+        _write(tmp_path / name, [_start(2), _failure("shard", "rank 0's shard is gone", 0)])
+    _write(tmp_path / "n.jsonl", [_start(1), {**_failure("ranks_disagree", "x", 0)}])
+    lines = M.summarize(M.read_run(tmp_path / "m.jsonl")).table().splitlines()
+    assert [line for line in lines if "shard is gone" in line] == ["rank 0: rank 0's shard is gone"]
+    with (tmp_path / "n.jsonl").open("a") as f:
+        f.write(json.dumps({**_failure("ranks_disagree", "y", 0), "failed_rank": -1}) + "\n")
+    assert "all ranks: y" in M.summarize(M.read_run(tmp_path / "n.jsonl")).table()

@@ -58,6 +58,12 @@ def test_packer_rejects_tiny_seq_len_and_an_eos_id_out_of_range() -> None:
             T.Packer(8, eos_id=eos)
 
 
+def test_a_directory_given_as_corpus_is_named_as_one(tmp_path: Path) -> None:
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(LensfeedError, match=r"corpus file .*notes is a directory: pass its"):
+        T.tokenize_corpus([tmp_path / "notes"], tmp_path / "ds")
+
+
 def test_overwrite_replaces_only_a_tokenized_dataset(tmp_path: Path) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_text("some text to pack into rows\n")

@@ -181,6 +181,8 @@ class RankSummary:
     wait_share: float = 0.0
     wraps: int = 0
     message: str = ""
+    #: the rank a failure's message names (a failure every rank recorded from the vote)
+    failed_rank: int | None = None
     seconds: float = 0.0
     wait_s: float = 0.0
 
@@ -264,9 +266,15 @@ class Summary:
             f"{total_s:>8} {total_rate:>10.0f} {100 * share:>8.1f}% "
             f"{sum(r.wraps for r in self.ranks):>5}"
         )
-        for r in self.ranks:
-            if r.message:
-                lines.append(f"rank {r.rank}: {r.message}")
+        # Every rank records the failure the ranks voted on: say each cause once, under the
+        # rank it names (-1: one that blames no rank), not under each rank that recorded it.
+        causes = dict.fromkeys(
+            (r.rank if r.failed_rank is None else r.failed_rank, r.message)
+            for r in self.ranks
+            if r.message
+        )
+        for rank, message in causes:
+            lines.append(f"{f'rank {rank}' if rank >= 0 else 'all ranks'}: {message}")
         return "\n".join(lines)
 
     def cycle_table(self) -> str:
@@ -321,6 +329,8 @@ def _part_summary(rank: int, part: Sequence[dict[str, Any]]) -> RankSummary:
         rs.cycles = int(status.get("cycles", rs.cycles))
         if rs.status != "ok":
             rs.message = str(status.get("message", ""))
+            failed = status.get("failed_rank")
+            rs.failed_rank = failed if type(failed) is int else None
     if "samples" in status:
         rs.samples = int(status["samples"])
         rs.samples_per_s = float(status.get("samples_per_s", 0.0))
@@ -361,6 +371,7 @@ def _add_up(rank: int, parts: Sequence[RankSummary]) -> RankSummary:
         wait_share=wait_s / seconds if seconds > 0 else 0.0,
         wraps=max(p.wraps for p in parts),
         message=last.message,
+        failed_rank=last.failed_rank,
         seconds=seconds,
         wait_s=wait_s,
     )

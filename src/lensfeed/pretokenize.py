@@ -79,6 +79,10 @@ def read_documents(
         raise ConfigError(f"--txt-docs must be one of {', '.join(_SAMPLE_BY)} (got {txt_mode!r})")
     files = [Path(p) for p in paths]
     for path in files:
+        if path.is_dir():
+            raise LensfeedError(
+                f"corpus file {path} is a directory: pass its .txt/.jsonl files (e.g. {path}/*.txt)"
+            )
         if not path.is_file():
             raise LensfeedError(f"corpus file not found: {path}")
         if path.suffix not in (".txt", ".jsonl"):
