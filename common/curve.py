@@ -82,6 +82,15 @@ def _certificate(public: bytes, secret: bytes | None = None) -> bytes:
     return text.encode()
 
 
+def _sealed(fd: int) -> bool:
+    """Whether the directory open at ``fd`` is this user's and closed to everyone else (no
+    group or other bits): then nobody else can reach what is inside, whatever its modes (a key
+    set made by an older ``lensfeed keys`` under umask 002 has 0775/0664 entries in a 0700
+    directory)."""
+    st = os.fstat(fd)
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
 def _private_dir(path: Path, fd: int, *, mine: bool) -> None:
     """Refuse the directory open at ``fd`` unless its owner is this user (or root, unless
     ``mine``) and only the owner can write it: whoever else can write it can add or swap keys."""
@@ -101,15 +110,19 @@ def _private_dir(path: Path, fd: int, *, mine: bool) -> None:
         )
 
 
-def _open_dir(path: Path, *, dir_fd: int | None = None, mine: bool = False) -> int:
+def _open_dir(
+    path: Path, *, dir_fd: int | None = None, mine: bool = False, sealed: bool = False
+) -> int:
     """An fd on directory ``path`` (the last part of it relative to ``dir_fd`` if given),
-    refused unless it is a real directory (no symlink) that only a trusted owner can write."""
+    refused unless it is a real directory (no symlink) that only a trusted owner can write,
+    or one inside a ``sealed`` directory (:func:`_sealed`), which nobody else can reach."""
     try:
         fd = os.open(path.name if dir_fd is not None else path, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         raise ConfigError(_open_problem(path, "keys directory", exc)) from None
     try:
-        _private_dir(path, fd, mine=mine)
+        if not sealed:
+            _private_dir(path, fd, mine=mine)
     except BaseException:
         os.close(fd)
         raise
@@ -157,7 +170,7 @@ def create_keys(directory: str | Path, *, force: bool = False) -> list[Path]:
             os.mkdir(AUTHORIZED, 0o700, dir_fd=dfd)
         except FileExistsError:
             pass
-        afd = _open_dir(d / AUTHORIZED, dir_fd=dfd, mine=True)
+        afd = _open_dir(d / AUTHORIZED, dir_fd=dfd, mine=True, sealed=_sealed(dfd))
         try:
             return _write_key_set(d, dfd, afd, force=force)
         finally:
@@ -240,7 +253,9 @@ def _valid_key(value: bytes) -> bool:
         return False
 
 
-def _read_key(dir_fd: int, path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
+def _read_key(
+    dir_fd: int, path: Path, *, secret: bool, sealed: bool = False
+) -> tuple[bytes, bytes | None]:
     """The (public, secret) keys of certificate ``path`` in the directory open at ``dir_fd``,
     every problem a ConfigError naming the file (libzmq would only say 'Invalid argument' at
     connect, and pyzmq's authenticator would deny every client)."""
@@ -253,7 +268,7 @@ def _read_key(dir_fd: int, path: Path, *, secret: bool) -> tuple[bytes, bytes | 
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"CURVE {what} {path} is not a regular file")
-        if st.st_uid not in (os.geteuid(), 0):
+        if not sealed and st.st_uid not in (os.geteuid(), 0):
             raise ConfigError(
                 f"CURVE {what} {path} is owned by uid {st.st_uid}, not this user or root: its "
                 "owner could swap the key"
@@ -262,7 +277,7 @@ def _read_key(dir_fd: int, path: Path, *, secret: bool) -> tuple[bytes, bytes | 
             raise ConfigError(
                 f"CURVE secret key {path} is readable by other users; chmod 600 {path}"
             )
-        if st.st_mode & 0o022:
+        if not sealed and st.st_mode & 0o022:
             raise ConfigError(
                 f"CURVE {what} {path} is writable by other users (mode "
                 f"{stat.S_IMODE(st.st_mode):o}): they could swap the key; chmod go-w {path}"
@@ -306,12 +321,15 @@ def server_keys(directory: str | Path) -> CurveKeys:
     authorized = d / AUTHORIZED
     dfd = _open_dir(d)
     try:
-        public, secret = _read_key(dfd, d / f"{SERVER}.key_secret", secret=True)
-        afd = _open_dir(authorized, dir_fd=dfd)
+        sealed = _sealed(dfd)
+        public, secret = _read_key(dfd, d / f"{SERVER}.key_secret", secret=True, sealed=sealed)
+        afd = _open_dir(authorized, dir_fd=dfd, sealed=sealed)
         try:
             # pyzmq's glob("*.key"): hidden files are not keys.
             names = sorted(n for n in os.listdir(afd) if n.endswith(".key") and n[0] != ".")
-            allowed = frozenset(_read_key(afd, authorized / n, secret=False)[0] for n in names)
+            allowed = frozenset(
+                _read_key(afd, authorized / n, secret=False, sealed=sealed)[0] for n in names
+            )
         finally:
             os.close(afd)
     finally:
@@ -327,8 +345,9 @@ def client_keys(directory: str | Path) -> CurveKeys:
     d = Path(directory)
     dfd = _open_dir(d)
     try:
-        public, secret = _read_key(dfd, d / f"{CLIENT}.key_secret", secret=True)
-        server_public, _ = _read_key(dfd, d / f"{SERVER}.key", secret=False)
+        sealed = _sealed(dfd)
+        public, secret = _read_key(dfd, d / f"{CLIENT}.key_secret", secret=True, sealed=sealed)
+        server_public, _ = _read_key(dfd, d / f"{SERVER}.key", secret=False, sealed=sealed)
     finally:
         os.close(dfd)
     assert secret is not None

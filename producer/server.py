@@ -18,7 +18,7 @@ import zmq
 
 from lensfeed.common import protocol as P
 from lensfeed.common.config import MAX_PREFETCH, FeedConfig
-from lensfeed.common.errors import LensfeedError, ProtocolError, StateMismatchError
+from lensfeed.common.errors import ConfigError, LensfeedError, ProtocolError, StateMismatchError
 from lensfeed.common.spec import DataSpec
 from lensfeed.producer.ahead import Prefetcher, Ready
 from lensfeed.producer.listener import bind_socket
@@ -112,7 +112,12 @@ class ProducerServer:
                     # Without credit only a cycle end or an error may go out: don't wait then.
                     wait = _TICK_S if self.credits > 0 else 0.0
                     items = self.ahead.get(wait, max_batches=self.credits)
-                    for group in self.packer.groups(items):
+                    try:
+                        groups = self.packer.groups(items)
+                    except ConfigError as exc:  # a batch over this trainer's message limit
+                        self._end_session(exc)
+                        groups = []
+                    for group in groups:
                         self._emit(group)
                         if self.peer is None or self._stop is not None:
                             break
@@ -181,6 +186,17 @@ class ProducerServer:
         if self.session is not None:
             fields[P.SESSION] = self.session
         return fields
+
+    def _end_session(self, exc: ConfigError) -> None:
+        """End a session this producer cannot serve (its trainer's limits), telling it why, and
+        go on serving others: the next hello starts over at its cursor, since what was taken
+        from the read-ahead for this one was never sent."""
+        assert self.peer is not None
+        log.error("rank %d: cannot serve this trainer: %s", self.rank, exc)
+        send_error(self.sock, self.peer, exc, fatal=True, session=self.session)
+        self.peer = None
+        self.serving = None
+        self.expected = None
 
     def _deliver(self, frames: list) -> None:
         assert self.peer is not None

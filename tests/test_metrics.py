@@ -396,4 +396,11 @@ def test_a_voted_failure_is_said_once_under_the_rank_it_names(tmp_path: Path) ->
     assert [line for line in lines if "shard is gone" in line] == ["rank 0: rank 0's shard is gone"]
     with (tmp_path / "n.jsonl").open("a") as f:
         f.write(json.dumps({**_failure("ranks_disagree", "y", 0), "failed_rank": -1}) + "\n")
-    assert "all ranks: y" in M.summarize(M.read_run(tmp_path / "n.jsonl")).table()
+    assert "rank 0: y" in M.summarize(M.read_run(tmp_path / "n.jsonl")).table()
+    # Ranks that disagree blame no rank, and each says its own value: both lines stay.
+    for r, name in enumerate(("d.jsonl", "d.rank1.jsonl")):
+        rec = {**_failure("ranks_disagree", f"this rank: {r}", 0), "failed_rank": -1}
+        _write(tmp_path / name, [_start(2), rec])
+    table = M.summarize(M.read_run(tmp_path / "d.jsonl")).table()
+    assert "rank 0: this rank: 0" in table
+    assert "rank 1: this rank: 1" in table

@@ -230,7 +230,7 @@ def count_failed_handshake(lost: ProducerLost, failed: int) -> int:
 
 
 def backoff(attempt: int, deadline: float) -> bool:
-    """Back off before connection attempt ``attempt + 1`` (50 ms doubling to 1 s), never past
+    """Back off before connection attempt ``attempt + 1`` (50 ms doubling to 1.6 s), never past
     ``deadline``; False when the deadline has passed."""
     left = deadline - time.monotonic()
     if left <= 0:

@@ -118,7 +118,7 @@ def read_run(run: str | Path | Mapping[int, Path], which: int | None = -1) -> Re
         out: Records = {rank: [r for part in parts for r in part] for rank, parts in runs.items()}
         world = max((int(r.get("world_size", 0)) for rs in out.values() for r in rs), default=0)
     else:
-        lead = min(runs)
+        lead = min((r for r in runs if runs[r]), default=min(runs))  # rank 0 may not have begun
         if not -len(runs[lead]) <= which < len(runs[lead]):
             held = len(runs[lead])
             raise LensfeedError(
@@ -267,14 +267,15 @@ class Summary:
             f"{sum(r.wraps for r in self.ranks):>5}"
         )
         # Every rank records the failure the ranks voted on: say each cause once, under the
-        # rank it names (-1: one that blames no rank), not under each rank that recorded it.
+        # rank it names, not under each rank that recorded it. One that blames no rank (ranks
+        # disagree: each says its own value) stays under the rank that said it.
         causes = dict.fromkeys(
-            (r.rank if r.failed_rank is None else r.failed_rank, r.message)
+            (r.failed_rank if r.failed_rank is not None and r.failed_rank >= 0 else r.rank, m)
             for r in self.ranks
-            if r.message
+            if (m := r.message)
         )
         for rank, message in causes:
-            lines.append(f"{f'rank {rank}' if rank >= 0 else 'all ranks'}: {message}")
+            lines.append(f"rank {rank}: {message}")
         return "\n".join(lines)
 
     def cycle_table(self) -> str:

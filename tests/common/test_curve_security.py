@@ -365,6 +365,8 @@ def test_keys_another_user_could_swap_are_refused(
     keys = tmp_path / "set" / "k"  # the parent is ours alone: a symlinked copy lands there
     create_keys(keys)
     path = keys if target == "." else keys / target
+    if target != ".":
+        keys.chmod(0o755)  # others can reach what is inside: its modes and owners matter
     change(path)
     loaders = {".": [client_keys, server_keys], "authorized": [server_keys]}
     for load in loaders.get(target.partition("/")[0], [client_keys]):
@@ -373,6 +375,25 @@ def test_keys_another_user_could_swap_are_refused(
         text = str(exc_info.value)
         assert str(path) in text, load
         assert needle in text, load
+
+
+def test_a_key_set_in_a_directory_closed_to_others_loads_whatever_its_entries_modes(
+    tmp_path: Path,
+) -> None:
+    """An older lensfeed keys under umask 002 left authorized/ 0775 and public keys 0664 in a
+    0700 directory: nobody else can reach them, so they load as before (the secret files are
+    still checked)."""
+    keys = tmp_path / "k"
+    create_keys(keys)
+    (keys / "authorized").chmod(0o775)
+    for name in ("producer.key", "trainer.key", "authorized/trainer.key"):
+        (keys / name).chmod(0o664)
+    assert server_keys(keys).allowed
+    assert client_keys(keys).server_public
+    create_keys(keys, force=True)  # and lensfeed keys --force replaces it
+    (keys / "trainer.key_secret").chmod(0o640)
+    with pytest.raises(ConfigError, match="readable by other users"):
+        client_keys(keys)
 
 
 # --------------------------------------------------------------------------- ipc directories
