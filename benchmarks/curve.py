@@ -32,7 +32,7 @@ from benchmarks.data import standard_datasets
 from benchmarks.feed import run_feed
 from benchmarks.settings import BATCH, CASES, FULL, Case, steady_stream
 from benchmarks.throughput import measure_limit, message_batches
-from lensfeed.common.curve import create_keys
+from lensfeed.common.keyfiles import create_keys
 from tests._util import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -36,7 +36,7 @@ from benchmarks.common import Proc, Workdir, py, read_report, write_json
 from benchmarks.data import standard_datasets
 from benchmarks.feed import overrides
 from benchmarks.settings import BATCH, CASES, Case, steady_stream
-from lensfeed.common.curve import create_keys
+from lensfeed.common.keyfiles import create_keys
 from tests._netns import IFNAME, Network, Unavailable
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -32,7 +32,8 @@ import numpy as np
 import zmq
 
 from benchmarks.common import cpu_s, self_report, write_json
-from lensfeed.common.curve import apply_client, apply_server, client_keys, server_keys
+from lensfeed.common.curve import apply_client, apply_server
+from lensfeed.common.keyfiles import client_keys, server_keys
 from lensfeed.common.malloc import tune_for_large_messages
 
 

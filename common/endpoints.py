@@ -98,7 +98,7 @@ MAX_IPC_PATH_BYTES = 107
 
 def ipc_path_problem(path: str) -> str:
     """What makes ipc ``path`` unsafe or unusable ("" if nothing). A socket's only protection
-    is its directory's permissions (:func:`lensfeed.common.curve.check_ipc_dir`), so the path
+    is its directory's permissions (:func:`lensfeed.common.ipc.check_ipc_dir`), so the path
     must have a directory that can be checked: absolute, and not in the abstract namespace."""
     if path.startswith("@"):
         return (

@@ -13,17 +13,12 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from lensfeed.common.config import MAX_PREFETCH, FeedConfig
-from lensfeed.common.curve import (
-    CurveKeys,
-    apply_server,
-    check_ipc_dir,
-    configure_zap,
-    is_loopback,
-    server_keys,
-)
+from lensfeed.common.curve import apply_server, configure_zap, is_loopback
 from lensfeed.common.errors import ConfigError, LensfeedError
+from lensfeed.common.ipc import bind_endpoint, check_ipc_dir
+from lensfeed.common.keyfiles import CurveKeys, server_keys
 from lensfeed.common.limits import MAX_HEADER_BYTES
-from lensfeed.common.transport import bind_endpoint, set_heartbeats
+from lensfeed.common.transport import set_heartbeats
 
 log = logging.getLogger("lensfeed.producer")
 

@@ -136,7 +136,7 @@ def test_raw_limit_runs_over_curve_with_a_lensfeed_key_set(tmp_path: Path) -> No
     from benchmarks.common import Workdir
     from benchmarks.settings import CASES, SMOKE
     from benchmarks.throughput import measure_limit
-    from lensfeed.common.curve import create_keys
+    from lensfeed.common.keyfiles import create_keys
     from tests._util import free_port
 
     keys = tmp_path / "keys"

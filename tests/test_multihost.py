@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from lensfeed.common.curve import create_keys
+from lensfeed.common.keyfiles import create_keys
 from lensfeed.producer.shard import rank_slice
 from tests._netns import IFNAME, Network, Unavailable
 from tests._util import Procs, make_dataset, python_cmd, read_records, torchrun_cmd

@@ -35,8 +35,8 @@ import torch
 
 from lensfeed.common import protocol as P
 from lensfeed.common.config import MAX_PREFETCH
-from lensfeed.common.curve import client_keys
 from lensfeed.common.errors import LensfeedError, ProducerTimeoutError, ProtocolError
+from lensfeed.common.keyfiles import client_keys
 from lensfeed.common.spec import DataSpec
 from lensfeed.trainer.connection import ProducerLost
 from lensfeed.trainer.contract import TensorContract, TensorSpec

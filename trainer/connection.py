@@ -27,8 +27,10 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from lensfeed.common.curve import CurveKeys, apply_client, check_ipc_dir
+from lensfeed.common.curve import apply_client
 from lensfeed.common.errors import AuthenticationError, ConfigError
+from lensfeed.common.ipc import check_ipc_dir
+from lensfeed.common.keyfiles import CurveKeys
 from lensfeed.common.transport import set_heartbeats
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import zmq
 
 from lensfeed.common import protocol as P
-from lensfeed.common.curve import CurveKeys
 from lensfeed.common.errors import ProducerTimeoutError, ProtocolError, RemoteError
+from lensfeed.common.keyfiles import CurveKeys
 from lensfeed.common.spec import DataSpec
 from lensfeed.trainer.connection import Connection
 from lensfeed.trainer.contract import TensorContract

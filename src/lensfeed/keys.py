@@ -1,6 +1,6 @@
 """``lensfeed keys DIR``: create the CURVE key set that authenticates and encrypts tcp feeds.
 
-A thin command over :func:`lensfeed.common.curve.create_keys` (pyzmq's certificate format).
+A thin command over :func:`lensfeed.common.keyfiles.create_keys` (pyzmq's certificate format).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lensfeed.common.curve import create_keys
 from lensfeed.common.errors import LensfeedError
+from lensfeed.common.keyfiles import create_keys
 
 _WHERE = """\
 Set feed.keys_dir={d} on producers and trainers. What each host needs:

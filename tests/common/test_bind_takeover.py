@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from lensfeed.common.errors import LensfeedError
-from lensfeed.common.transport import bind_endpoint
+from lensfeed.common.ipc import bind_endpoint
 from lensfeed.producer.listener import bind_socket
 from tests._util import free_port
 

@@ -19,14 +19,10 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from lensfeed.common.config import FeedConfig
-from lensfeed.common.curve import (
-    check_ipc_dir,
-    client_keys,
-    configure_zap,
-    create_keys,
-    server_keys,
-)
+from lensfeed.common.curve import configure_zap
 from lensfeed.common.errors import ConfigError
+from lensfeed.common.ipc import check_ipc_dir
+from lensfeed.common.keyfiles import client_keys, create_keys, server_keys
 from lensfeed.keys import main as keys_main
 from lensfeed.producer.listener import Listener
 from lensfeed.trainer.connection import Connection

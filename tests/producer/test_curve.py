@@ -18,8 +18,10 @@ import zmq
 
 from lensfeed.common import protocol as P
 from lensfeed.common.config import FeedConfig, load_config
-from lensfeed.common.curve import check_ipc_dir, client_keys, create_keys, is_loopback, server_keys
+from lensfeed.common.curve import is_loopback
 from lensfeed.common.errors import AuthenticationError, ConfigError, RemoteError
+from lensfeed.common.ipc import check_ipc_dir
+from lensfeed.common.keyfiles import client_keys, create_keys, server_keys
 from lensfeed.common.spec import DataSpec
 from lensfeed.keys import main as keys_main
 from lensfeed.producer.cycle import CycleCursor
